@@ -1,0 +1,115 @@
+"""The public entry point: ``llmquant.quantize(model, out, ...)``."""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from .calibration import CalibrationConfig, calibration_tokens
+from .errors import LlmquantError
+from .export.arch import ArchSpec, get_arch
+from .export.gguf_file import GGUFOutput, PlannedTensor, check_output_path
+from .export.metadata import add_metadata
+from .loading.source import read_config, resolve_model
+from .loading.weights import WeightStore
+from .methods import METHODS, make_method
+from .pipeline import Pipeline
+from .policy import ALL_TYPES, choose_type
+from .report import QuantReport
+
+
+def plan_tensors(spec: ArchSpec, config: dict, store: WeightStore, base: str, pure: bool) -> dict[str, PlannedTensor]:
+    """Every output tensor in file order, keyed by its HF name, checked against the config."""
+    n_layers = int(config["num_hidden_layers"])
+    vocab, hidden = int(config["vocab_size"]), int(config["hidden_size"])
+    has_head = spec.head in store and not config.get("tie_word_embeddings", False)
+    names = [spec.embed]
+    for i in range(n_layers):
+        names += spec.layer_names(i, store.__contains__)
+    names.append(spec.final_norm)
+    if has_head:
+        names.append(spec.head)
+    for n in (spec.embed, spec.final_norm):
+        if n not in store:
+            raise LlmquantError(f"tensor {n} is missing from the checkpoint")
+    if store.shape(spec.embed) != (vocab, hidden):
+        raise LlmquantError(
+            f"{spec.embed} has shape {list(store.shape(spec.embed))} but config.json says vocab_size={vocab}, hidden_size={hidden}"
+        )
+    if f"{spec.layer_prefix.format(i=n_layers)}{spec.layer_tensors[0]}" in store:
+        raise LlmquantError(f"the checkpoint has more layers than num_hidden_layers={n_layers} in config.json")
+    plan = {}
+    for n in names:
+        shape = store.shape(n)
+        is_head = n == spec.head or (n == spec.embed and not has_head)
+        choice = choose_type(n, shape, base, pure=pure, is_head=is_head)
+        plan[n] = PlannedTensor(spec.gguf_tensor_name(n, n_layers), shape, choice.ggml_type, choice.note)
+    return plan
+
+
+def quantize(
+    model: str | Path | None,
+    out: str | Path,
+    *,
+    type: str = "q4_0",  # noqa: A002 - mirrors the CLI's --type
+    method: str = "rtn",
+    pure: bool = False,
+    calibration: CalibrationConfig | None = None,
+    method_options: dict | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+) -> QuantReport:
+    """Quantize a Hugging Face causal LM into a GGUF file that llama.cpp runs.
+
+    model: hub id, local folder, or None for the default SmolLM2-135M-Instruct.
+    type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1.
+    method: rtn (byte-identical to llama.cpp's quantizer) or gptq.
+    pure: every 2-D weight in ``type`` (else llama.cpp's per-tensor policy).
+    """
+    t0 = time.perf_counter()
+    type_ = type.lower()
+    if type_ not in ALL_TYPES:
+        raise LlmquantError(f"unknown type {type!r}; choose one of {', '.join(ALL_TYPES)}")
+    if method not in METHODS:
+        raise LlmquantError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if threads:
+        torch.set_num_threads(threads)
+    out = Path(out)
+    model_dir = resolve_model(model)
+    config = read_config(model_dir)
+    spec = get_arch(config)
+    check_output_path(out, model_dir)
+    store = WeightStore(model_dir)
+    plan = plan_tensors(spec, config, store, type_, pure)
+    meth = make_method(method, **(method_options or {}))
+    calib = calibration or CalibrationConfig()
+    tokens = runner = None
+    if meth.needs_calibration:
+        from .loading.layers import LayerRunner
+
+        tokens = calibration_tokens(model_dir, calib)
+        runner = LayerRunner(model_dir, store, spec.layer_prefix)
+    with GGUFOutput(out, spec.gguf_name) as output:
+        add_metadata(output.writer, spec, config, model_dir, type_, method)
+        output.declare(list(plan.values()))
+        pipe = Pipeline(spec=spec, config=config, store=store, plan=plan, method=meth,
+                        output=output, runner=runner, progress=progress)
+        result = pipe.run(tokens, calib.batch_size)
+        output.commit()
+    store.close()
+    return QuantReport(
+        model=str(model or "SmolLM2-135M-Instruct (default)"),
+        out=out,
+        type=type_,
+        method=method,
+        pure=pure,
+        tensors=list(plan.values()),
+        file_size=out.stat().st_size,
+        seconds=time.perf_counter() - t0,
+        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        calibration_tokens=0 if tokens is None else tokens.numel(),
+        linears=result.reports,
+    )

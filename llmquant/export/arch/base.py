@@ -1,0 +1,105 @@
+"""One declarative, immutable spec per architecture.
+
+Everything that differs between decoder architectures lives here: where the
+weights are, how HF names map to GGUF names, which hyper-parameters llama.cpp
+reads, how tensors are transformed for it, and the true-sequential groups the
+calibrated methods quantize in order. Methods and the pipeline never branch on
+an architecture name; they read a spec.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import gguf
+import numpy as np
+
+from ...errors import LlmquantError
+
+HParamWriter = Callable[[gguf.GGUFWriter, dict], None]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Layout of one HF decoder family and its GGUF twin."""
+
+    hf_architectures: tuple[str, ...]
+    gguf_arch: gguf.MODEL_ARCH
+    write_hparams: HParamWriter
+    embed: str = "model.embed_tokens.weight"
+    final_norm: str = "model.norm.weight"
+    head: str = "lm_head.weight"
+    layer_prefix: str = "model.layers.{i}."
+    # tensors of one decoder layer (relative to layer_prefix), in file order
+    layer_tensors: tuple[str, ...] = ()
+    optional_layer_tensors: frozenset[str] = frozenset()
+    # linears quantized together, in true-sequential order; members share an input
+    sequential_groups: tuple[tuple[str, ...], ...] = ()
+    # relative tensor name -> config key giving the head count for llama.cpp's Q/K row permute
+    permute_rows: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def gguf_name(self) -> str:
+        return gguf.MODEL_ARCH_NAMES[self.gguf_arch]
+
+    def gguf_tensor_name(self, hf_name: str, n_layers: int) -> str:
+        base, _, suffix = hf_name.rpartition(".")
+        mapped = gguf.get_tensor_name_map(self.gguf_arch, n_layers).get_name(base)
+        if mapped is None:
+            raise LlmquantError(f"no GGUF name for tensor {hf_name} in architecture {self.gguf_name}")
+        return f"{mapped}.{suffix}"
+
+    def layer_names(self, i: int, present: Callable[[str], bool]) -> list[str]:
+        """Full HF names of layer i's tensors that the checkpoint holds, in file order."""
+        prefix = self.layer_prefix.format(i=i)
+        names = []
+        for rel in self.layer_tensors:
+            full = prefix + rel
+            if present(full):
+                names.append(full)
+            elif rel not in self.optional_layer_tensors:
+                raise LlmquantError(f"tensor {full} is missing from the checkpoint")
+        return names
+
+    def to_gguf_rows(self, hf_name: str, rows: np.ndarray, config: dict) -> np.ndarray:
+        """Reorder output rows the way llama.cpp expects (rows: [co, ...], any trailing layout).
+
+        Works on float weights and on per-row quantized blocks alike, because
+        the permute only moves whole rows.
+        """
+        rel = hf_name.rsplit(".", 1)[0].split(".")[-2:]
+        key = self.permute_rows.get(".".join(rel))
+        if key is None:
+            return rows
+        n_head = int(config[key])
+        co = rows.shape[0]
+        return (
+            rows.reshape(n_head, 2, co // n_head // 2, *rows.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(rows.shape)
+        )
+
+
+_REGISTRY: dict[str, ArchSpec] = {}
+
+
+def register(spec: ArchSpec) -> ArchSpec:
+    for name in spec.hf_architectures:
+        _REGISTRY[name] = spec
+    return spec
+
+
+def get_arch(config: dict) -> ArchSpec:
+    """The spec for a config's ``architectures[0]``, or a one-line error."""
+    archs = config.get("architectures") or []
+    name = archs[0] if archs else config.get("model_type", "?")
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise LlmquantError(f"unsupported architecture {name}; llmquant supports {known}") from None
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_REGISTRY)

@@ -1,0 +1,158 @@
+"""The block-format contract shared by every ggml type.
+
+A format knows a grid and a byte layout, never how codes were chosen:
+methods (rtn, gptq, awq) pick ``QuantBlocks``; ``pack`` turns them into the
+exact bytes llama.cpp reads. Every quantized weight in a block is
+
+    w = scale * code + min            (min is 0 for symmetric types)
+
+with ``code`` an integer in ``[qmin, qmax]`` and ``scale``/``min`` values
+that fp16 represents exactly (the file stores them as fp16), so
+``dequantize(q)`` equals what llama.cpp computes bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+
+@dataclass(frozen=True)
+class QuantBlocks:
+    """Codes and per-block grid of one tensor, flattened to blocks.
+
+    codes:  int16 [n_blocks, block_size], each in [qmin, qmax]
+    scales: float32 [n_blocks], fp16-exact
+    mins:   float32 [n_blocks], fp16-exact, or None for symmetric types
+    """
+
+    codes: np.ndarray
+    scales: np.ndarray
+    mins: np.ndarray | None = None
+
+
+_REGISTRY: dict[str, type[BlockFormat]] = {}
+
+
+class BlockFormat:
+    """One ggml block type. Subclasses register with ``qtype=``.
+
+    Subclasses define ``qmin``, ``qmax``, ``has_min`` and implement ``rtn``,
+    ``pack`` and ``unpack`` vectorized over all blocks at once.
+    """
+
+    qtype: ClassVar[GGMLQuantizationType]
+    name: ClassVar[str]
+    block_size: ClassVar[int]
+    type_size: ClassVar[int]
+    qmin: ClassVar[int]
+    qmax: ClassVar[int]
+    has_min: ClassVar[bool]
+
+    def __init_subclass__(cls, qtype: GGMLQuantizationType | None = None, **kw) -> None:
+        super().__init_subclass__(**kw)
+        if qtype is None:
+            return
+        cls.qtype = qtype
+        cls.name = qtype.name.lower()
+        cls.block_size, cls.type_size = GGML_QUANT_SIZES[qtype]
+        _REGISTRY[cls.name] = cls
+
+    @classmethod
+    def rtn(cls, blocks: np.ndarray) -> QuantBlocks:
+        """Round-to-nearest exactly as llama.cpp's reference quantizer.
+
+        blocks: float32 [n_blocks, block_size]
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def pack(cls, q: QuantBlocks) -> np.ndarray:
+        """QuantBlocks -> uint8 [n_blocks, type_size], llama.cpp's layout."""
+        raise NotImplementedError
+
+    @classmethod
+    def unpack(cls, data: np.ndarray) -> QuantBlocks:
+        """uint8 [n_blocks, type_size] -> QuantBlocks (inverse of pack)."""
+        raise NotImplementedError
+
+    @classmethod
+    def dequantize(cls, q: QuantBlocks) -> np.ndarray:
+        """QuantBlocks -> float32 [n_blocks, block_size], as llama.cpp computes it."""
+        # Same float32 operations, in the same order, as ggml's dequantize_row_*:
+        # one rounding for the product, one for the sum (no fused multiply-add).
+        w = q.codes.astype(np.float32) * q.scales.astype(np.float32, copy=False)[:, None]
+        if q.mins is not None:
+            w = w + q.mins.astype(np.float32, copy=False)[:, None]
+        return w
+
+    @classmethod
+    def nearest_codes(cls, x: np.ndarray, scales: np.ndarray, mins: np.ndarray | None = None) -> np.ndarray:
+        """Nearest grid codes for ``x`` given a grid: int16, same broadcast shape.
+
+        ``clip(round((x - mins) / scales), qmin, qmax)`` with ties rounded away
+        from zero, elementwise with numpy broadcasting (pass ``scales[:, None]``
+        for per-block grids); code 0 wherever ``scales == 0``. This is
+        round-to-nearest on the fp16 grid that llama.cpp dequantizes with, the
+        step GPTQ/AWQ need. It is *not* byte-identical with ``rtn``: the
+        reference quantizers multiply by the float32 ``1/d`` of the scale
+        *before* its fp16 rounding, and q4/q5 truncate ``v + 0.5`` (ties go
+        up, not away from zero).
+        """
+        x = np.asarray(x, dtype=np.float64)
+        s = np.asarray(scales, dtype=np.float64)
+        v = x if mins is None else x - np.asarray(mins, dtype=np.float64)
+        zero = s == 0
+        v = v / np.where(zero, 1.0, s)
+        # floor(a + 0.5) rounds 0.49999999999999994 up; split off the fraction first.
+        a = np.abs(v)
+        fl = np.floor(a)
+        r = np.copysign(fl + np.floor(2.0 * (a - fl)), v)
+        r = np.where(zero, 0.0, np.clip(r, cls.qmin, cls.qmax))
+        return r.astype(np.int16)
+
+    @classmethod
+    def check(cls, q: QuantBlocks) -> None:
+        """Raise ValueError unless ``q`` lies on this format's grid (pack calls it)."""
+        n = cls.block_size
+        if q.codes.ndim != 2 or q.codes.shape[1] != n or q.scales.shape != (q.codes.shape[0],):
+            raise ValueError(f"{cls.name}: codes must be [n, {n}] and scales [n]")
+        if not np.issubdtype(q.codes.dtype, np.integer):
+            raise ValueError(f"{cls.name}: codes must be integers, not {q.codes.dtype}")
+        if q.codes.size and (q.codes.min() < cls.qmin or q.codes.max() > cls.qmax):
+            raise ValueError(f"{cls.name}: codes outside [{cls.qmin}, {cls.qmax}]")
+        if (q.mins is not None) != cls.has_min:
+            raise ValueError(f"{cls.name}: mins must be {'given' if cls.has_min else 'None'}")
+        for v in (q.scales,) if q.mins is None else (q.scales, q.mins):
+            if v.shape != q.scales.shape or not np.array_equal(f16_exact(v), v, equal_nan=True):
+                raise ValueError(f"{cls.name}: scales/mins must be [n] and exactly representable in fp16")
+
+
+def f16_exact(values: np.ndarray) -> np.ndarray:
+    """``values`` rounded to fp16 (nearest-even, as GGML_FP32_TO_FP16), as float32."""
+    return np.asarray(values, dtype=np.float32).astype(np.float16).astype(np.float32)
+
+
+def f16_bytes(values: np.ndarray) -> np.ndarray:
+    """float [n] -> uint8 [n, 2]: the little-endian fp16 field of each block."""
+    return np.asarray(values, dtype=np.float32).astype("<f2").view(np.uint8).reshape(-1, 2)
+
+
+def f16_from_bytes(field: np.ndarray) -> np.ndarray:
+    """uint8 [n, 2] -> float32 [n]: inverse of :func:`f16_bytes`."""
+    return np.ascontiguousarray(field, dtype=np.uint8).view("<f2").reshape(-1).astype(np.float32)
+
+
+def get_format(name: str) -> type[BlockFormat]:
+    """The block format for a ggml type name such as ``q4_0``."""
+    try:
+        return _REGISTRY[name.lower()]
+    except KeyError:
+        raise KeyError(f"no block format {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def block_formats() -> dict[str, type[BlockFormat]]:
+    return dict(_REGISTRY)

@@ -1,0 +1,96 @@
+"""Q5_0 and Q5_1: Q4's nibbles plus one high bit per weight in a 32-bit mask.
+
+``rtn`` follows ``quantize_row_q5_{0,1}_ref`` operation for operation so that
+round-to-nearest files are byte-identical with llama.cpp's (see ``q4``). Q5_0
+is lopsided like Q4_0: the signed extreme of a block lands on code -16.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from .base import BlockFormat, QuantBlocks, f16_bytes, f16_exact, f16_from_bytes
+from .q4 import as_blocks, pack_nibbles, reciprocal, signed_extreme, truncate_codes, unpack_nibbles
+
+# block_q5_0, 22 bytes:                         block_q5_1, 24 bytes:
+#
+#   byte 0    2         6              22         byte 0    2    4         8              24
+#        +----+---------+--------------+               +----+----+---------+--------------+
+#        | d  | qh      | qs[0..15]    |               | d  | m  | qh      | qs[0..15]    |
+#        +----+---------+--------------+               +----+----+---------+--------------+
+#         fp16  uint32 LE                               fp16 fp16  uint32 LE
+#
+#   q = 5-bit stored value of element j (j = 0..31):
+#     bit 4 of q[j]  -> bit j of qh (little endian: byte j // 8, bit j % 8)
+#     bits 0-3       -> nibbles of qs exactly as in q4_0:
+#
+#           bit 7            4 3            0
+#           +---------------+---------------+
+#   qs[i] = | q[i+16] & 0xF |  q[i] & 0xF   |      (i = 0..15)
+#           +---------------+---------------+
+#
+#   q5_0: q = code + 16, code in [-16, 15];  w = d * code
+#   q5_1: q = code,      code in [0, 31];    w = d * code + m
+
+
+def pack_q5(stored: np.ndarray) -> np.ndarray:
+    """uint [n, 32] values < 32 -> uint8 [n, 20]: qh (4 bytes) then qs (16)."""
+    s = stored.astype(np.uint8)
+    qh = np.packbits(s >> np.uint8(4), axis=1, bitorder="little")
+    return np.concatenate([qh, pack_nibbles(s & np.uint8(0x0F))], axis=1)
+
+
+def unpack_q5(field: np.ndarray) -> np.ndarray:
+    """uint8 [n, 20] -> int16 [n, 32] stored values: inverse of :func:`pack_q5`."""
+    high = np.unpackbits(field[:, :4], axis=1, bitorder="little")
+    return (unpack_nibbles(field[:, 4:]) | (high << np.uint8(4))).astype(np.int16)
+
+
+class Q5_0(BlockFormat, qtype=GGMLQuantizationType.Q5_0):
+    qmin = -16
+    qmax = 15
+    has_min = False
+
+    @classmethod
+    def rtn(cls, blocks: np.ndarray) -> QuantBlocks:
+        x = as_blocks(blocks, cls.block_size)
+        d = signed_extreme(x) / np.float32(-16)
+        stored = truncate_codes(x * reciprocal(d)[:, None] + np.float32(16.5), 31)
+        return QuantBlocks(codes=stored - 16, scales=f16_exact(d))
+
+    @classmethod
+    def pack(cls, q: QuantBlocks) -> np.ndarray:
+        cls.check(q)
+        return np.concatenate([f16_bytes(q.scales), pack_q5(q.codes + 16)], axis=1)
+
+    @classmethod
+    def unpack(cls, data: np.ndarray) -> QuantBlocks:
+        u8 = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, cls.type_size)
+        return QuantBlocks(codes=unpack_q5(u8[:, 2:]) - 16, scales=f16_from_bytes(u8[:, :2]))
+
+
+class Q5_1(BlockFormat, qtype=GGMLQuantizationType.Q5_1):
+    qmin = 0
+    qmax = 31
+    has_min = True
+
+    @classmethod
+    def rtn(cls, blocks: np.ndarray) -> QuantBlocks:
+        x = as_blocks(blocks, cls.block_size)
+        lo = x.min(axis=1)
+        d = (x.max(axis=1) - lo) / np.float32(31)
+        codes = truncate_codes((x - lo[:, None]) * reciprocal(d)[:, None] + np.float32(0.5), 31)
+        return QuantBlocks(codes=codes, scales=f16_exact(d), mins=f16_exact(lo))
+
+    @classmethod
+    def pack(cls, q: QuantBlocks) -> np.ndarray:
+        cls.check(q)
+        return np.concatenate([f16_bytes(q.scales), f16_bytes(q.mins), pack_q5(q.codes)], axis=1)
+
+    @classmethod
+    def unpack(cls, data: np.ndarray) -> QuantBlocks:
+        u8 = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, cls.type_size)
+        return QuantBlocks(
+            codes=unpack_q5(u8[:, 4:]), scales=f16_from_bytes(u8[:, :2]), mins=f16_from_bytes(u8[:, 2:4])
+        )

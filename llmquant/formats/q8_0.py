@@ -1,0 +1,69 @@
+"""Q8_0: one fp16 scale per 32 signed bytes, llama.cpp's near-lossless type.
+
+Kept byte-identical with ``quantize_row_q8_0_ref`` so that an ``rtn`` file
+from llmquant and one from ``llama-quantize`` / ``gguf.quants`` agree, which
+is what makes our own GPTQ/AWQ results comparable with llama.cpp's.
+
+Grid: the layout stores the code as an ``int8``, and llama.cpp dequantizes
+every value of it, -128 included, as ``d * code`` (its x86 ``sign_epi8`` dot
+product takes the weight's sign from the weight itself, so -128 is fine on the
+weight side). So ``qmin = -128`` here, for methods that may move a weight
+past the reference extreme. The reference quantizer itself is symmetric: it
+sets ``d = amax / 127`` and ``roundf`` never produces -128, so ``rtn`` codes
+stay in [-127, 127].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from .base import BlockFormat, QuantBlocks, f16_bytes, f16_exact, f16_from_bytes
+
+# block_q8_0, 34 bytes:
+#
+#   byte  0      2                                     34
+#         +------+-------------------------------------+
+#         |  d   | qs[0] qs[1] ...             qs[31]  |
+#         +------+-------------------------------------+
+#          fp16    int8 code of element j at byte 2 + j
+#
+#   w[j] = d * qs[j]
+
+
+def roundf(v: np.ndarray) -> np.ndarray:
+    """C ``roundf``: nearest integer, ties away from zero (not numpy's to-even).
+
+    ``floor(|v| + 0.5)`` would round 0.49999997f up, so the fraction is
+    split off first (the same trick ``gguf.quants.np_roundf`` uses).
+    """
+    a = np.abs(v)
+    fl = np.floor(a)
+    return np.copysign(fl + np.floor(2 * (a - fl)), v)
+
+
+class Q8_0(BlockFormat, qtype=GGMLQuantizationType.Q8_0):
+    qmin = -128
+    qmax = 127
+    has_min = False
+
+    @classmethod
+    def rtn(cls, blocks: np.ndarray) -> QuantBlocks:
+        x = np.asarray(blocks, dtype=np.float32).reshape(-1, cls.block_size)
+        d = np.abs(x).max(axis=1) / np.float32(127)
+        with np.errstate(divide="ignore"):
+            inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+        codes = roundf(x * inv[:, None]).astype(np.int16)
+        return QuantBlocks(codes=codes, scales=f16_exact(d))
+
+    @classmethod
+    def pack(cls, q: QuantBlocks) -> np.ndarray:
+        cls.check(q)
+        qs = q.codes.astype(np.int8).view(np.uint8)
+        return np.concatenate([f16_bytes(q.scales), qs], axis=1)
+
+    @classmethod
+    def unpack(cls, data: np.ndarray) -> QuantBlocks:
+        u8 = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, cls.type_size)
+        codes = np.ascontiguousarray(u8[:, 2:]).view(np.int8).astype(np.int16)
+        return QuantBlocks(codes=codes, scales=f16_from_bytes(u8[:, :2]))

@@ -1,0 +1,50 @@
+"""Run a GGUF file in llama.cpp (through llama-cpp-python): the proof a file works."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from .errors import LlmquantError
+from .inspect_gguf import open_gguf
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence llama.cpp's C-level logging, which ignores Python's sys.stderr."""
+    fd = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(fd, 2)
+            os.close(fd)
+
+
+def load_llama(path: str | Path, *, n_ctx: int = 512, threads: int = 2, **kwargs):
+    """A llama_cpp.Llama for a GGUF file, with a one-line error if llama.cpp refuses it."""
+    open_gguf(path)
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise LlmquantError("llama-cpp-python is not installed: pip install 'llmquant[llama]'") from None
+    try:
+        with quiet_stderr():
+            return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, verbose=False, **kwargs)
+    except (ValueError, RuntimeError) as exc:
+        raise LlmquantError(f"llama.cpp cannot load {path}: {exc}") from None
+
+
+def generate(path: str | Path, prompt: str, *, max_tokens: int = 64, chat: bool = False, threads: int = 2) -> str:
+    """Greedy completion of ``prompt`` (or a chat reply with the file's template)."""
+    llm = load_llama(path, threads=threads)
+    with quiet_stderr():
+        if chat:
+            out = llm.create_chat_completion(
+                messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0.0
+            )
+            return out["choices"][0]["message"]["content"]
+        out = llm(prompt, max_tokens=max_tokens, temperature=0.0)
+    return prompt + out["choices"][0]["text"]

@@ -1,0 +1,62 @@
+"""Resolve what the user named (hub id, local folder, nothing) to a checkpoint folder.
+
+Only metadata and safetensors are fetched from a hub; weights are then read
+lazily, so resolving never loads a model into memory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import LlmquantError
+
+_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt", "*.tiktoken"]
+
+
+def resolve_model(model: str | Path | None) -> Path:
+    """A local folder holding config.json for ``model``.
+
+    None means the default model (SmolLM2-135M-Instruct, shipped offline).
+    A string that is not an existing path is treated as a hub id.
+    """
+    if model is None or str(model) == "":
+        from .default_model import default_model_dir
+
+        return default_model_dir()
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise LlmquantError(f"{path} is a file, not a model folder (expected a folder with config.json)")
+        if not (path / "config.json").is_file():
+            raise LlmquantError(f"{path} has no config.json: not a Hugging Face model folder")
+        return path
+    text = str(model)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise LlmquantError(f"model {text!r} not found: no such folder, and not a hub id of the form org/name")
+    return _download(text)
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS)
+    except Exception as exc:  # network, auth, missing repo: all mean "cannot get it"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LlmquantError(f"cannot fetch model {repo_id!r} from the Hugging Face hub: {reason[:200]}") from None
+    path = Path(local)
+    if not (path / "config.json").is_file():
+        raise LlmquantError(f"hub repo {repo_id!r} has no config.json")
+    return path
+
+
+def read_config(model_dir: Path) -> dict:
+    """config.json as a dict, with a one-line error when it is unreadable."""
+    try:
+        cfg = json.loads((model_dir / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LlmquantError(f"cannot read {model_dir / 'config.json'}: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise LlmquantError(f"{model_dir / 'config.json'} is not a JSON object")
+    return cfg

@@ -1,0 +1,129 @@
+"""Lazy access to the weights of a (sharded) safetensors checkpoint.
+
+Only the headers are read up front (names, shapes, dtypes, byte ranges), and
+checked against the file sizes so a truncated or corrupt shard fails before
+any output is written. Each tensor is then read on demand through mmap, one
+decoder layer at a time, so memory never grows with the number of layers.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import LlmquantError
+
+# safetensors dtype -> bytes per element; these are the ones a float model uses
+_FLOAT_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+
+class WeightStore:
+    """Index of every tensor in a checkpoint folder; reads tensors lazily as float32."""
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = model_dir
+        files = self._shard_files(model_dir)
+        self.entries: dict[str, TensorEntry] = {}
+        for f in files:
+            for entry in _read_header(f):
+                self.entries[entry.name] = entry
+        self._handles: dict[Path, object] = {}
+
+    @staticmethod
+    def _shard_files(model_dir: Path) -> list[Path]:
+        index = model_dir / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, KeyError, json.JSONDecodeError) as exc:
+                raise LlmquantError(f"cannot read {index}: {exc}") from None
+            files = sorted({model_dir / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise LlmquantError(f"{index.name} names missing shard(s): {', '.join(missing[:3])}")
+            return files
+        files = sorted(model_dir.glob("*.safetensors"))
+        if files:
+            return files
+        other = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt*")]
+        hint = f" (found {other[0]}: convert it to safetensors first)" if other else ""
+        raise LlmquantError(f"no safetensors weights in {model_dir}{hint}")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name].shape
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor as float32 (a fresh copy, safe to modify)."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            entry = self.entries[name]
+        except KeyError:
+            raise LlmquantError(f"tensor {name} is missing from the checkpoint in {self.model_dir}") from None
+        try:
+            handle = self._handles.get(entry.file)
+            if handle is None:
+                handle = safe_open(str(entry.file), framework="pt")
+                self._handles[entry.file] = handle
+            t = handle.get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise LlmquantError(f"cannot read tensor {name} from {entry.file.name}: {exc}") from None
+        t = t.to(torch.float32).clone()
+        if not torch.isfinite(t).all():
+            raise LlmquantError(f"tensor {name} holds NaN or Inf values; refusing to quantize it")
+        return t
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def _read_header(path: Path) -> list[TensorEntry]:
+    """Parse and validate one safetensors header without touching the data."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise ValueError("file shorter than its 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, 100 * 2**20):
+                raise ValueError(f"header length {n} exceeds the file")
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise LlmquantError(f"corrupt safetensors file {path.name}: {exc}") from None
+    data_size = size - 8 - n
+    entries = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise LlmquantError(f"corrupt safetensors header in {path.name} at tensor {name}") from None
+        if end > data_size:
+            raise LlmquantError(
+                f"truncated safetensors file {path.name}: tensor {name} ends at byte {end} "
+                f"but the file holds {data_size} data bytes"
+            )
+        if dtype not in _FLOAT_DTYPES:
+            raise LlmquantError(f"tensor {name} in {path.name} has dtype {dtype}; llmquant reads F32, F16, BF16 weights")
+        if end - start != _FLOAT_DTYPES[dtype] * int(np.prod(shape, dtype=np.int64)):
+            raise LlmquantError(f"corrupt safetensors header in {path.name}: size of {name} does not match its shape")
+        entries.append(TensorEntry(name, path, dtype, shape))
+    return entries

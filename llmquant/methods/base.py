@@ -1,0 +1,43 @@
+"""What the pipeline asks of a quantization method.
+
+A method picks codes on a format's grid; it never packs bytes. Calibrated
+methods also see the real inputs of each group of linears that share an
+input (q/k/v, gate/up, ...), in true-sequential order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..formats import BlockFormat, QuantBlocks
+
+
+@dataclass
+class LinearReport:
+    """Per-tensor facts a method reports (errors are relative output errors)."""
+
+    name: str
+    seconds: float = 0.0
+    err_rtn: float | None = None
+    err_method: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Method:
+    """Round-to-nearest with llama.cpp's reference rule; the base of all methods."""
+
+    name = "rtn"
+    needs_calibration = False
+
+    def observe(self, group: str, x: torch.Tensor) -> None:
+        """Inputs of one group's shared input (x [..., ci]) from one calibration batch."""
+
+    def quantize(self, name: str, group: str | None, W: torch.Tensor, fmt: type[BlockFormat]) -> tuple[QuantBlocks, LinearReport]:
+        """Codes for W [co, ci] on fmt's grid, blocks in row-major order ([co * ci/32])."""
+        q = fmt.rtn(W.reshape(-1, fmt.block_size).numpy())
+        return q, LinearReport(name)
+
+    def end_group(self, group: str) -> None:
+        """Free whatever was gathered for a finished group."""

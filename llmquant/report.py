@@ -1,0 +1,67 @@
+"""What a run did, as an object (API) and as one screen of text (CLI)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .export.gguf_file import PlannedTensor
+from .methods import LinearReport
+
+
+@dataclass
+class QuantReport:
+    model: str
+    out: Path
+    type: str
+    method: str
+    pure: bool
+    tensors: list[PlannedTensor]
+    file_size: int = 0
+    seconds: float = 0.0
+    peak_rss_mib: float = 0.0
+    calibration_tokens: int = 0
+    linears: list[LinearReport] = field(default_factory=list)
+
+    @property
+    def n_params(self) -> int:
+        return sum(t.n_elements for t in self.tensors)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Tensor-data bits over all parameters (the number llama.cpp prints as BPW)."""
+        return 8 * sum(t.nbytes for t in self.tensors) / max(self.n_params, 1)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["out"] = str(self.out)
+        d["n_params"] = self.n_params
+        d["bits_per_weight"] = self.bits_per_weight
+        return d
+
+    def summary(self) -> str:
+        by_type = Counter()
+        params_by_type = Counter()
+        for t in self.tensors:
+            by_type[t.type] += 1
+            params_by_type[t.type] += t.n_elements
+        lines = [
+            f"wrote {self.out}",
+            f"  model   {self.model}",
+            f"  method  {self.method}   type {self.type}{'  (pure)' if self.pure else ''}",
+            f"  tensors {len(self.tensors)}: "
+            + ", ".join(f"{k} x{v} ({params_by_type[k] / 1e6:.1f}M w)" for k, v in sorted(by_type.items())),
+            f"  size    {self.file_size / 2**20:.1f} MiB, {self.bits_per_weight:.2f} bits per weight, "
+            f"{self.n_params / 1e6:.1f}M parameters",
+            f"  time    {self.seconds:.1f} s   peak memory {self.peak_rss_mib:.0f} MiB",
+        ]
+        if self.calibration_tokens:
+            lines.append(f"  calibration {self.calibration_tokens} tokens")
+        errs = [r for r in self.linears if r.err_method is not None and r.err_rtn]
+        if errs:
+            ratio = sum(r.err_method / r.err_rtn for r in errs) / len(errs)
+            lines.append(f"  output error vs rtn: mean ratio {ratio:.3f} over {len(errs)} linears")
+        notes = Counter(t.note for t in self.tensors if t.note)
+        lines += [f"  note: {n} ({c} tensor{'s' if c > 1 else ''})" for n, c in notes.items()]
+        return "\n".join(lines)
