@@ -1,3 +1,10 @@
 """llmquant: Hugging Face causal LMs -> GGUF files that llama.cpp runs, with GPTQ/AWQ on ggml grids."""
 
 __version__ = "0.1.0"
+
+from .api import quantize  # noqa: E402
+from .calibration import CalibrationConfig  # noqa: E402
+from .errors import LlmquantError  # noqa: E402
+from .report import QuantReport  # noqa: E402
+
+__all__ = ["quantize", "CalibrationConfig", "LlmquantError", "QuantReport", "__version__"]

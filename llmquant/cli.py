@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import LlmquantError
+from .methods import METHODS
 from .policy import ALL_TYPES
 
 
@@ -17,8 +18,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="hub id (org/name) or local folder; default: SmolLM2-135M-Instruct shipped offline")
     p.add_argument("--out", "-o", required=True, type=Path, help="output .gguf file")
-    p.add_argument("--type", "-t", default="q4_0", choices=ALL_TYPES, help="ggml type (default q4_0)")
-    p.add_argument("--method", "-m", default="rtn", choices=("rtn", "gptq"), help="quantization method (default rtn)")
+    p.add_argument("--type", "-t", default="q4_0", help=f"ggml type: {', '.join(ALL_TYPES)} (default q4_0)")
+    p.add_argument("--method", "-m", default="rtn", help=f"quantization method: {', '.join(METHODS)} (default rtn)")
     p.add_argument("--pure", action="store_true", help="every 2-D weight in --type (no llama.cpp per-tensor policy)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

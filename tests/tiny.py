@@ -1,0 +1,37 @@
+"""Tiny random models built from configs: they prove layout and loading, not quality."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def build_tiny_model(out: Path, arch: str, tokenizer_dir: Path, *, hidden: int = 64, layers: int = 2,
+                     tied: bool = True, seed: int = 0) -> Path:
+    """A random ``arch`` (llama | qwen2) checkpoint in ``out`` with a real tokenizer."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden + 64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+        tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2,
+    )
+    config = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # larger than the init's 0.02 so that the logits are not flat
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+            elif p.dim() == 1 and "norm" not in str(p):
+                p.normal_(0, 0.2)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    for name in _TOKENIZER_FILES:
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, out / name)
+    return out
