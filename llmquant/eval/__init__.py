@@ -1,0 +1,1 @@
+"""Evaluation room: perplexity and KL-divergence measured like llama.cpp's llama-perplexity."""
