@@ -10,9 +10,10 @@ import torch
 
 from .calibration import CalibrationConfig, calibration_tokens
 from .errors import LlmquantError
-from .export.arch import ArchSpec, get_arch
+from .export.arch import ArchSpec, config_int, get_arch
 from .export.gguf_file import GGUFOutput, PlannedTensor, check_output_path
 from .export.metadata import add_metadata
+from .export.tokenizer import check_tokenizer_files
 from .loading.source import read_config, resolve_model
 from .loading.weights import WeightStore
 from .methods import METHODS, make_method
@@ -23,12 +24,17 @@ from .report import QuantReport
 
 def plan_tensors(spec: ArchSpec, config: dict, store: WeightStore, base: str, pure: bool) -> dict[str, PlannedTensor]:
     """Every output tensor in file order, keyed by its HF name, checked against the config."""
-    n_layers = int(config["num_hidden_layers"])
-    vocab, hidden = int(config["vocab_size"]), int(config["hidden_size"])
+    n_layers = config_int(config, "num_hidden_layers")
+    vocab, hidden = config_int(config, "vocab_size"), config_int(config, "hidden_size")
     has_head = spec.head in store and not config.get("tie_word_embeddings", False)
+    layer_shapes = spec.layer_shapes(config) if spec.layer_shapes else {}
+    expected = {spec.final_norm: (hidden,), spec.head: (vocab, hidden)}
     names = [spec.embed]
     for i in range(n_layers):
-        names += spec.layer_names(i, store.__contains__)
+        prefix = spec.layer_prefix.format(i=i)
+        layer = spec.layer_names(i, store.__contains__)
+        expected.update({n: layer_shapes[n[len(prefix):]] for n in layer if n[len(prefix):] in layer_shapes})
+        names += layer
     names.append(spec.final_norm)
     if has_head:
         names.append(spec.head)
@@ -44,6 +50,8 @@ def plan_tensors(spec: ArchSpec, config: dict, store: WeightStore, base: str, pu
     plan = {}
     for n in names:
         shape = store.shape(n)
+        if n in expected and shape != expected[n]:
+            raise LlmquantError(f"{n} has shape {list(shape)} but config.json implies {list(expected[n])}")
         is_head = n == spec.head or (n == spec.embed and not has_head)
         choice = choose_type(n, shape, base, pure=pure, is_head=is_head)
         plan[n] = PlannedTensor(spec.gguf_tensor_name(n, n_layers), shape, choice.ggml_type, choice.note)
@@ -81,6 +89,7 @@ def quantize(
     model_dir = resolve_model(model)
     config = read_config(model_dir)
     spec = get_arch(config)
+    check_tokenizer_files(model_dir)
     check_output_path(out, model_dir)
     store = WeightStore(model_dir)
     plan = plan_tensors(spec, config, store, type_, pure)

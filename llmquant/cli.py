@@ -46,7 +46,7 @@ def _run_quantize(args) -> int:
         options = {"damp": args.damp, "act_order": args.act_order, "scale_search": not args.no_scale_search}
     report = quantize(args.model, args.out, type=args.type, method=args.method, pure=args.pure,
                       calibration=calib, method_options=options, threads=args.threads,
-                      progress=not args.quiet)
+                      progress=not args.quiet and sys.stderr.isatty())  # no bar in logs and pipes
     print(report.summary())
     return 0
 
@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command][1](args)
     except LlmquantError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"error: {text or type(exc).__name__}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted; no output file was left behind", file=sys.stderr)

@@ -20,9 +20,15 @@ def open_gguf(path: str | Path) -> gguf.GGUFReader:
         if fh.read(4) != b"GGUF":
             raise LlmquantError(f"{path} is not a GGUF file (bad magic)")
     try:
-        return gguf.GGUFReader(path)
+        reader = gguf.GGUFReader(path)
     except Exception as exc:  # the reader raises many kinds on a damaged file
-        raise LlmquantError(f"{path} is a damaged GGUF file: {str(exc)[:200]}") from None
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise LlmquantError(f"{path} is a damaged or truncated GGUF file ({reason})") from None
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if int(t.data_offset) + int(t.n_bytes) > size:
+            raise LlmquantError(f"{path} is truncated: tensor {t.name} ends past the end of the file ({size} bytes)")
+    return reader
 
 
 def _value(field: gguf.ReaderField) -> str:

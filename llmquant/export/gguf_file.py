@@ -140,7 +140,12 @@ def check_output_path(out: Path, model_dir: Path) -> None:
         raise LlmquantError(f"output folder {parent} does not exist")
     if out.is_dir():
         raise LlmquantError(f"output {out} is a folder; give a file name such as model-q4_0.gguf")
-    if not os.access(parent, os.W_OK):
-        raise LlmquantError(f"output folder {parent} is not writable")
     if out.resolve().is_relative_to(model_dir.resolve()) and out.suffix != ".gguf":
         raise LlmquantError(f"output {out} would overwrite a file of the input model")
+    # create a file for real: mode bits say nothing for root, ACLs or read-only mounts
+    probe = parent / f".{out.name}.probe-{os.getpid()}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as exc:
+        raise LlmquantError(f"output folder {parent} is not writable: {exc.strerror or exc}") from None
+    probe.unlink()

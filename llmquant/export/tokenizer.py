@@ -70,6 +70,12 @@ class TokenizerInfo:
     has_chat_template: bool
 
 
+def check_tokenizer_files(model_dir: Path) -> None:
+    """Fail before any weight is read when the folder holds no tokenizer llama.cpp could use."""
+    if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "tokenizer.model").is_file():
+        raise LlmquantError(f"no tokenizer in {model_dir}: expected tokenizer.json or tokenizer.model")
+
+
 def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> TokenizerInfo:
     """Add every tokenizer key for the checkpoint in ``model_dir`` to ``writer``.
 
@@ -77,10 +83,9 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> 
     with UNUSED ``[PAD{i}]`` entries up to it, because llama.cpp indexes logits by id.
     """
     model_dir = Path(model_dir)
+    check_tokenizer_files(model_dir)
     tj = _read_json(model_dir / "tokenizer.json")
     sp_file = model_dir / "tokenizer.model"
-    if tj is None and not sp_file.is_file():
-        raise LlmquantError(f"no tokenizer in {model_dir}: expected tokenizer.json or tokenizer.model")
     name = f"the tokenizer in {model_dir}"
     if tj is not None and _is_byte_level_bpe(tj):
         model, pre = "gpt2", _detect_pre(tj, name)
@@ -108,7 +113,13 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     """Parse a JSON file, or None when absent (optional HF files are common)."""
     if not path.is_file():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LlmquantError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise LlmquantError(f"{path} is not a JSON object")
+    return data
 
 
 def _is_byte_level_bpe(tj: dict[str, Any]) -> bool:
@@ -290,14 +301,21 @@ def _add_specials(writer: gguf.GGUFWriter, model_dir: Path, tj: dict[str, Any] |
     When tokenizer_config.json does not state add_bos/add_eos we ask the HF
     post-processor itself, so llama.cpp adds exactly what HF adds.
     """
-    special = gguf.SpecialVocab(model_dir, load_merges=model == "gpt2", n_vocab=n_tokens)
+    _read_json(model_dir / "tokenizer_config.json")  # SpecialVocab reads it too, with no clear error
+    try:
+        special = gguf.SpecialVocab(model_dir, load_merges=model == "gpt2", n_vocab=n_tokens)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise LlmquantError(f"cannot read the tokenizer files in {model_dir}: {exc}") from None
     if model == "gpt2" and not special.merges:
         raise LlmquantError(f"no BPE merges in {model_dir}: llama.cpp cannot load a gpt2 vocab without them")
     ids = special.special_token_ids
     if tj is not None and not {"bos", "eos"} <= special.add_special_token.keys():
         from tokenizers import Tokenizer
 
-        probe = Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode("a", add_special_tokens=True).ids
+        try:
+            probe = Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode("a", add_special_tokens=True).ids
+        except Exception as exc:  # the Rust library raises a bare Exception on a malformed file
+            raise LlmquantError(f"the tokenizers library cannot load {model_dir / 'tokenizer.json'}: {exc}") from None
         special.add_special_token.setdefault("bos", bool(probe) and probe[0] == ids.get("bos"))
         special.add_special_token.setdefault("eos", bool(probe) and probe[-1] == ids.get("eos"))
     if special.chat_template is None:

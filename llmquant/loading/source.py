@@ -43,12 +43,25 @@ def _download(repo_id: str) -> Path:
 
         local = snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS)
     except Exception as exc:  # network, auth, missing repo: all mean "cannot get it"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LlmquantError(f"cannot fetch model {repo_id!r} from the Hugging Face hub: {reason[:200]}") from None
+        raise LlmquantError(f"cannot fetch model {repo_id!r} from the Hugging Face hub: {_hub_reason(exc)}") from None
     path = Path(local)
     if not (path / "config.json").is_file():
         raise LlmquantError(f"hub repo {repo_id!r} has no config.json")
     return path
+
+
+def _hub_reason(exc: Exception) -> str:
+    """A short reason for a failed hub download (the library's own messages run to paragraphs)."""
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    if isinstance(exc, GatedRepoError):
+        return "the repository is gated: accept its terms on the hub and log in (hf auth login)"
+    if isinstance(exc, RepositoryNotFoundError):
+        return "no such repository (or it is private: log in with hf auth login)"
+    if isinstance(exc, LocalEntryNotFoundError):
+        return "not in the local cache, and the hub cannot be reached (offline: HF_HUB_OFFLINE or no network)"
+    text = " ".join(str(exc).split())
+    return (text[:197] + "...") if len(text) > 200 else text or type(exc).__name__
 
 
 def read_config(model_dir: Path) -> dict:

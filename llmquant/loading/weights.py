@@ -105,6 +105,8 @@ def _read_header(path: Path) -> list[TensorEntry]:
             if n > min(size - 8, 100 * 2**20):
                 raise ValueError(f"header length {n} exceeds the file")
             header = json.loads(fh.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise LlmquantError(f"corrupt safetensors file {path.name}: {exc}") from None
     data_size = size - 8 - n
@@ -114,6 +116,8 @@ def _read_header(path: Path) -> list[TensorEntry]:
             continue
         try:
             dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            if not all(type(v) is int and v >= 0 for v in (*shape, start, end)) or start > end:
+                raise ValueError
         except (KeyError, TypeError, ValueError):
             raise LlmquantError(f"corrupt safetensors header in {path.name} at tensor {name}") from None
         if end > data_size:

@@ -18,6 +18,20 @@ import numpy as np
 from ...errors import LlmquantError
 
 HParamWriter = Callable[[gguf.GGUFWriter, dict], None]
+ShapeRule = Callable[[dict], dict[str, tuple[int, ...]]]
+
+
+def config_int(config: dict, key: str, default: int | None = None) -> int:
+    """A positive integer from config.json, or a one-line error naming the key."""
+    value = config.get(key)
+    if value is None:
+        if default is None:
+            raise LlmquantError(f"config.json has no {key}")
+        return default
+    whole = (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
+    if not whole or value <= 0:
+        raise LlmquantError(f"config.json has {key}={value!r}; expected a positive integer")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -38,6 +52,8 @@ class ArchSpec:
     sequential_groups: tuple[tuple[str, ...], ...] = ()
     # relative tensor name -> config key giving the head count for llama.cpp's Q/K row permute
     permute_rows: dict[str, str] = field(default_factory=dict)
+    # config -> shape (HF layout) that config.json implies for each layer tensor, by relative name
+    layer_shapes: ShapeRule | None = None
 
     @property
     def gguf_name(self) -> str:
@@ -72,7 +88,7 @@ class ArchSpec:
         key = self.permute_rows.get(".".join(rel))
         if key is None:
             return rows
-        n_head = int(config[key])
+        n_head = int(config.get(key) or config["num_attention_heads"])  # HF: no kv count = one per head
         co = rows.shape[0]
         return (
             rows.reshape(n_head, 2, co // n_head // 2, *rows.shape[1:])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import gguf
 
 from ...errors import LlmquantError
-from .base import ArchSpec, register
+from .base import ArchSpec, config_int, register
 
 
 def rope_theta(cfg: dict) -> float:
@@ -63,6 +63,33 @@ _LAYER = (
     "mlp.up_proj.weight",
     "mlp.down_proj.weight",
 )
+
+
+def llama_layer_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """The HF shape config.json implies for each tensor of one decoder layer."""
+    hidden, n_head = config_int(cfg, "hidden_size"), config_int(cfg, "num_attention_heads")
+    n_kv = config_int(cfg, "num_key_value_heads", n_head)
+    head_dim = config_int(cfg, "head_dim", hidden // n_head or 1)
+    ff = config_int(cfg, "intermediate_size")
+    if head_dim % 2:
+        raise LlmquantError(f"config.json implies head_dim={head_dim}; RoPE needs an even head size")
+    q, kv = n_head * head_dim, n_kv * head_dim
+    return {
+        "input_layernorm.weight": (hidden,),
+        "self_attn.q_proj.weight": (q, hidden),
+        "self_attn.q_proj.bias": (q,),
+        "self_attn.k_proj.weight": (kv, hidden),
+        "self_attn.k_proj.bias": (kv,),
+        "self_attn.v_proj.weight": (kv, hidden),
+        "self_attn.v_proj.bias": (kv,),
+        "self_attn.o_proj.weight": (hidden, q),
+        "post_attention_layernorm.weight": (hidden,),
+        "mlp.gate_proj.weight": (ff, hidden),
+        "mlp.up_proj.weight": (ff, hidden),
+        "mlp.down_proj.weight": (hidden, ff),
+    }
+
+
 _BIASES = frozenset(t for t in _LAYER if t.endswith(".bias"))
 _GROUPS = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -80,6 +107,7 @@ LLAMA = register(
         optional_layer_tensors=_BIASES,
         sequential_groups=_GROUPS,
         permute_rows={"self_attn.q_proj": "num_attention_heads", "self_attn.k_proj": "num_key_value_heads"},
+        layer_shapes=llama_layer_shapes,
     )
 )
 
@@ -91,5 +119,6 @@ QWEN2 = register(
         layer_tensors=_LAYER,
         optional_layer_tensors=_BIASES,
         sequential_groups=_GROUPS,
+        layer_shapes=llama_layer_shapes,
     )
 )
