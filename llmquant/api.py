@@ -16,7 +16,7 @@ from .export.metadata import add_metadata
 from .export.tokenizer import check_tokenizer_files
 from .loading.source import read_config, resolve_model
 from .loading.weights import WeightStore
-from .methods import METHODS, make_method
+from .methods import METHODS, Method, make_method
 from .pipeline import Pipeline
 from .policy import ALL_TYPES, choose_type
 from .report import QuantReport
@@ -63,7 +63,7 @@ def quantize(
     out: str | Path,
     *,
     type: str = "q4_0",  # noqa: A002 - mirrors the CLI's --type
-    method: str = "rtn",
+    method: str | Method = "rtn",
     pure: bool = False,
     calibration: CalibrationConfig | None = None,
     method_options: dict | None = None,
@@ -74,14 +74,14 @@ def quantize(
 
     model: hub id, local folder, or None for the default SmolLM2-135M-Instruct.
     type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1.
-    method: rtn (byte-identical to llama.cpp's quantizer) or gptq.
+    method: rtn (byte-identical to llama.cpp's quantizer), gptq, or a Method object.
     pure: every 2-D weight in ``type`` (else llama.cpp's per-tensor policy).
     """
     t0 = time.perf_counter()
     type_ = type.lower()
     if type_ not in ALL_TYPES:
         raise LlmquantError(f"unknown type {type!r}; choose one of {', '.join(ALL_TYPES)}")
-    if method not in METHODS:
+    if isinstance(method, str) and method not in METHODS:
         raise LlmquantError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if threads:
         torch.set_num_threads(threads)
@@ -93,7 +93,7 @@ def quantize(
     check_output_path(out, model_dir)
     store = WeightStore(model_dir)
     plan = plan_tensors(spec, config, store, type_, pure)
-    meth = make_method(method, **(method_options or {}))
+    meth = method if isinstance(method, Method) else make_method(method, **(method_options or {}))
     calib = calibration or CalibrationConfig()
     tokens = runner = None
     if meth.needs_calibration:
@@ -102,7 +102,7 @@ def quantize(
         tokens = calibration_tokens(model_dir, calib)
         runner = LayerRunner(model_dir, store, spec.layer_prefix)
     with GGUFOutput(out, spec.gguf_name) as output:
-        add_metadata(output.writer, spec, config, model_dir, type_, method)
+        add_metadata(output.writer, spec, config, model_dir, type_, meth.name)
         output.declare(list(plan.values()))
         pipe = Pipeline(spec=spec, config=config, store=store, plan=plan, method=meth,
                         output=output, runner=runner, progress=progress)
@@ -113,7 +113,7 @@ def quantize(
         model=str(model or "SmolLM2-135M-Instruct (default)"),
         out=out,
         type=type_,
-        method=method,
+        method=meth.name,
         pure=pure,
         tensors=list(plan.values()),
         file_size=out.stat().st_size,

@@ -113,14 +113,8 @@ class Pipeline:
             if not members:
                 continue
             key = f"{i}:{group[0]}"
-            hook = layer.get_submodule(members[0]).register_forward_pre_hook(
-                lambda _m, args, key=key: self.method.observe(key, args[0])
-            )
-            try:
-                for batch in hidden.split(batch_size):
-                    self.runner.forward(layer, batch)
-            finally:
-                hook.remove()
+            self.runner.feed(layer, hidden, layer.get_submodule(members[0]),
+                             lambda x, key=key: self.method.observe(key, x), batch_size)
             for rel in members:
                 name = prefix + rel + ".weight"
                 module = layer.get_submodule(rel)

@@ -1,0 +1,52 @@
+"""GPTQ as a pipeline method: gather each group's Hessian, then quantize its linears.
+
+The math lives in ``gptq.py``; this object only keeps one Hessian per group
+of linears that share an input (q/k/v, gate/up), as the pipeline feeds it,
+and falls back to RTN with a warning when a Hessian is unusable.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import torch
+
+from ..formats import BlockFormat, QuantBlocks
+from .base import LinearReport, Method
+from .gptq import GPTQResult, HessianAccumulator, HessianError, gptq_quantize
+
+
+class GPTQMethod(Method):
+    name = "gptq"
+    needs_calibration = True
+
+    def __init__(self, damp: float = 0.01, act_order: bool = False, scale_search: bool = True, block_cols: int = 128):
+        self.damp, self.act_order, self.scale_search, self.block_cols = damp, act_order, scale_search, block_cols
+        self._acc: dict[str, HessianAccumulator] = {}
+
+    def observe(self, group: str, x: torch.Tensor) -> None:
+        acc = self._acc.get(group)
+        if acc is None:
+            acc = self._acc[group] = HessianAccumulator(x.shape[-1])
+        acc.add(x)
+
+    def quantize(self, name: str, group: str | None, W: torch.Tensor, fmt: type[BlockFormat]) -> tuple[QuantBlocks, LinearReport]:
+        t0 = time.perf_counter()
+        acc = self._acc.get(group) if group else None
+        if acc is None:
+            return super().quantize(name, group, W, fmt)
+        try:
+            res: GPTQResult = gptq_quantize(W, acc.hessian(), fmt, damp=self.damp, act_order=self.act_order,
+                                            block_cols=self.block_cols, scale_search=self.scale_search)
+        except HessianError as exc:
+            warnings.warn(f"{name}: {exc}; falling back to RTN", stacklevel=2)
+            q, report = super().quantize(name, group, W, fmt)
+            report.extra["fallback"] = str(exc)
+            return q, report
+        report = LinearReport(name, seconds=time.perf_counter() - t0, err_rtn=res.rel_err_rtn, err_method=res.rel_err,
+                              extra={"damp": res.damp, "dead_columns": res.n_dead})
+        return res.q, report
+
+    def end_group(self, group: str) -> None:
+        self._acc.pop(group, None)
