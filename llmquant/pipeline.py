@@ -115,6 +115,7 @@ class Pipeline:
             key = f"{i}:{group[0]}"
             self.runner.feed(layer, hidden, layer.get_submodule(members[0]),
                              lambda x, key=key: self.method.observe(key, x), batch_size)
+            self.method.prepare_group(key, layer, members, self.spec.smooth_from.get(group[0]))
             for rel in members:
                 name = prefix + rel + ".weight"
                 module = layer.get_submodule(rel)
@@ -125,5 +126,8 @@ class Pipeline:
                 self.result.reports.append(report)
             self.method.end_group(key)
         out = torch.cat([self.runner.forward(layer, b) for b in hidden.split(batch_size)])
+        state = layer.state_dict()  # a method may have rewritten non-quantized tensors (norms)
+        for n in weights:
+            weights[n] = state[n[len(prefix):]].detach().clone()
         self.runner.free(i)
         return codes, out

@@ -34,6 +34,16 @@ class Method:
     def observe(self, group: str, x: torch.Tensor) -> None:
         """Inputs of one group's shared input (x [..., ci]) from one calibration batch."""
 
+    def prepare_group(self, group: str, layer: torch.nn.Module, members: list[str], smooth: str | None) -> None:
+        """Called once a group's inputs were observed, before its linears are quantized.
+
+        A method may rewrite weights of ``layer`` in place here, as long as the
+        layer still computes the same function in full precision (AWQ scales the
+        members' input channels and folds the inverse into ``smooth``, the module
+        that produces their input: a norm or a linear). members and smooth are
+        module paths relative to the layer.
+        """
+
     def quantize(self, name: str, group: str | None, W: torch.Tensor, fmt: type[BlockFormat]) -> tuple[QuantBlocks, LinearReport]:
         """Codes for W [co, ci] on fmt's grid, blocks in row-major order ([co * ci/32])."""
         q = fmt.rtn(W.reshape(-1, fmt.block_size).numpy())

@@ -50,6 +50,8 @@ class ArchSpec:
     optional_layer_tensors: frozenset[str] = frozenset()
     # linears quantized together, in true-sequential order; members share an input
     sequential_groups: tuple[tuple[str, ...], ...] = ()
+    # first member of a group -> the module that produces the group's input (AWQ folds scales into it)
+    smooth_from: dict[str, str] = field(default_factory=dict)
     # relative tensor name -> config key giving the head count for llama.cpp's Q/K row permute
     permute_rows: dict[str, str] = field(default_factory=dict)
     # config -> shape (HF layout) that config.json implies for each layer tensor, by relative name

@@ -91,6 +91,12 @@ def llama_layer_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
 
 
 _BIASES = frozenset(t for t in _LAYER if t.endswith(".bias"))
+_SMOOTH = {
+    "self_attn.q_proj": "input_layernorm",
+    "self_attn.o_proj": "self_attn.v_proj",
+    "mlp.gate_proj": "post_attention_layernorm",
+    "mlp.down_proj": "mlp.up_proj",
+}
 _GROUPS = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     ("self_attn.o_proj",),
@@ -106,6 +112,7 @@ LLAMA = register(
         layer_tensors=_LAYER,
         optional_layer_tensors=_BIASES,
         sequential_groups=_GROUPS,
+        smooth_from=_SMOOTH,
         permute_rows={"self_attn.q_proj": "num_attention_heads", "self_attn.k_proj": "num_key_value_heads"},
         layer_shapes=llama_layer_shapes,
     )
@@ -119,6 +126,7 @@ QWEN2 = register(
         layer_tensors=_LAYER,
         optional_layer_tensors=_BIASES,
         sequential_groups=_GROUPS,
+        smooth_from=_SMOOTH,
         layer_shapes=llama_layer_shapes,
     )
 )
