@@ -1,0 +1,258 @@
+"""GPTQ on ggml grids: valid blocks, bit-exact W_hat, error below RTN."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf.quants import dequantize as gguf_dequantize
+
+from llmquant.formats import QuantBlocks, get_format
+from llmquant.methods import gptq
+from llmquant.methods.gptq import (
+    HessianAccumulator,
+    HessianError,
+    accumulate_hessian,
+    gptq_quantize,
+    rtn_search,
+)
+
+FORMATS = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]
+CO, CI, N = 48, 256, 2048
+
+
+@pytest.fixture(scope="module")
+def layer():
+    """A random Linear W [48, 256] with correlated inputs X [2048, 256] and H = 2/n XᵀX."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(CI, CI, generator=g) / CI**0.5 + 0.3 * torch.eye(CI)
+    X = torch.randn(N, CI, generator=g) @ A
+    X[:, :8] *= 6.0  # a few strong input channels, as in LLM activations
+    W = 0.05 * torch.randn(CO, CI, generator=g)
+    W[:, 100] *= 8.0  # and a few outlier weights
+    acc = HessianAccumulator(CI)
+    acc.add(X.reshape(8, N // 8, CI))
+    return W, X, acc.hessian()
+
+
+def out_err(W, W_hat, X) -> float:
+    """Relative output error ||W Xᵀ - Ŵ Xᵀ||² / ||W Xᵀ||²."""
+    return (((W - W_hat) @ X.T).square().sum() / (W @ X.T).square().sum()).item()
+
+
+def rtn_hat(W, fmt) -> torch.Tensor:
+    return torch.from_numpy(fmt.dequantize(fmt.rtn(W.reshape(-1, 32).numpy()))).reshape(W.shape)
+
+
+def assert_valid(q: QuantBlocks, W_hat: torch.Tensor, fmt, shape) -> None:
+    """q is on fmt's grid, in ggml block order, and W_hat is exactly what llama.cpp reads."""
+    co, ci = shape
+    assert q.codes.dtype == np.int16 and q.codes.shape == (co * ci // 32, 32)
+    assert q.codes.min() >= fmt.qmin and q.codes.max() <= fmt.qmax
+    assert q.scales.dtype == np.float32 and q.scales.shape == (co * ci // 32,)
+    assert np.array_equal(q.scales.astype(np.float16).astype(np.float32), q.scales)
+    assert (q.mins is not None) == fmt.has_min
+    if fmt.has_min:
+        assert np.array_equal(q.mins.astype(np.float16).astype(np.float32), q.mins)
+    fmt.check(q)
+    assert W_hat.dtype == torch.float32 and W_hat.shape == (co, ci)
+    assert np.array_equal(fmt.dequantize(q).reshape(co, ci), W_hat.numpy())
+    packed = fmt.pack(q).reshape(co, -1)
+    assert np.array_equal(gguf_dequantize(packed, fmt.qtype), W_hat.numpy())
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("name", FORMATS)
+def test_gptq_valid_and_below_rtn(layer, name, act_order):
+    W, X, H = layer
+    fmt = get_format(name)
+    r = gptq_quantize(W, H, fmt, act_order=act_order)
+    assert_valid(r.q, r.W_hat, fmt, W.shape)
+    assert out_err(W, r.W_hat, X) < 0.8 * out_err(W, rtn_hat(W, fmt), X)
+    assert 0 < r.rel_err < r.rel_err_rtn
+    assert r.damp == 0.01 and r.n_dead == 0
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q5_1"])
+def test_gptq_search_loss_gptq(layer, name):
+    W, X, H = layer
+    fmt = get_format(name)
+    r = gptq_quantize(W, H, fmt, search_loss="gptq")
+    assert_valid(r.q, r.W_hat, fmt, W.shape)
+    assert out_err(W, r.W_hat, X) < 0.8 * out_err(W, rtn_hat(W, fmt), X)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("name", ["q4_0", "q4_1"])
+def test_diagonal_hessian_is_rtn_grid(name, act_order):
+    """With a diagonal H nothing propagates: the grid is llama.cpp's, block for block."""
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(6, 64, generator=g)
+    H = torch.diag(torch.rand(64, generator=g) + 0.5)  # random diag: a real permutation
+    fmt = get_format(name)
+    r = gptq_quantize(W, H, fmt, act_order=act_order, scale_search=False)
+    ref = fmt.rtn(W.reshape(-1, 32).numpy())
+    assert np.array_equal(r.q.scales, ref.scales)
+    if fmt.has_min:
+        assert np.array_equal(r.q.mins, ref.mins)
+    nearest = fmt.nearest_codes(
+        W.reshape(-1, 32).numpy(), ref.scales[:, None], None if ref.mins is None else ref.mins[:, None]
+    )
+    assert np.array_equal(r.q.codes, nearest)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_block_layout_follows_rows_and_columns(layer, act_order):
+    """Blocks of very different magnitude keep their own scale: r * ci/32 + b order survives.
+
+    Rows never mix in GPTQ, so row magnitudes always show in the scales; column
+    blocks mix through the error feedback, so their magnitudes show only with
+    act_order's static groups (grids from the original W).
+    """
+    W, X, H = layer
+    rowmag = 1.0 + torch.arange(CO).float()
+    colmag = 10.0 ** torch.arange(CI // 32).float().remainder(4)
+    Ws = W * rowmag[:, None]
+    if act_order:
+        Ws = Ws * colmag.repeat_interleave(32)[None, :]
+    fmt = get_format("q4_0")
+    r = gptq_quantize(Ws, H, fmt, act_order=act_order)
+    assert_valid(r.q, r.W_hat, fmt, Ws.shape)
+    amax = Ws.reshape(-1, 32).abs().amax(dim=1).numpy()
+    ratio = np.abs(r.q.scales) * 8 / amax
+    assert ratio.min() > 0.5 and ratio.max() < 2.0
+    assert out_err(Ws, r.W_hat, X) < out_err(Ws, rtn_hat(Ws, fmt), X)
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q5_1"])
+def test_scale_search_beats_llama_rule(layer, name):
+    W, X, H = layer
+    fmt = get_format(name)
+    on = out_err(W, gptq_quantize(W, H, fmt, scale_search=True).W_hat, X)
+    off = out_err(W, gptq_quantize(W, H, fmt, scale_search=False).W_hat, X)
+    assert on < off
+
+
+def test_scale_search_beats_llama_rule_on_average(layer):
+    W, X, H = layer
+    ratios = []
+    for name in FORMATS:
+        fmt = get_format(name)
+        on = out_err(W, gptq_quantize(W, H, fmt, scale_search=True).W_hat, X)
+        off = out_err(W, gptq_quantize(W, H, fmt, scale_search=False).W_hat, X)
+        ratios.append(on / off)
+    assert np.mean(ratios) < 0.97
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_dead_columns(layer, act_order):
+    """Inputs never active: H[i,i] = 0. Valid blocks; those weights are kept, not zeroed."""
+    W, X, _ = layer
+    X = X.clone()
+    dead = torch.tensor([3, 40, 41, 200])
+    X[:, dead] = 0
+    acc = HessianAccumulator(CI)
+    acc.add(X)
+    fmt = get_format("q4_0")
+    r = gptq_quantize(W, acc.hessian(), fmt, act_order=act_order)
+    assert_valid(r.q, r.W_hat, fmt, W.shape)
+    assert r.n_dead == len(dead)
+    assert out_err(W, r.W_hat, X) < out_err(W, rtn_hat(W, fmt), X)
+    step = np.abs(r.q.scales).reshape(CO, -1)[:, dead.numpy() // 32]
+    assert np.all(np.abs((W - r.W_hat)[:, dead].numpy()) <= 8 * step + 1e-6)
+    assert r.W_hat[:, dead].abs().sum() > 0
+
+
+def test_singular_hessian_rescued_by_damping(layer):
+    """16 tokens for 256 inputs: rank-deficient H; with damp=0 the retry adds damping."""
+    W, X, _ = layer
+    H = 2 / 16 * X[:16].T @ X[:16]
+    fmt = get_format("q4_0")
+    r = gptq_quantize(W, H, fmt, damp=0.0)
+    assert r.damp > 0
+    assert_valid(r.q, r.W_hat, fmt, W.shape)
+    assert out_err(W, r.W_hat, X[:16]) < out_err(W, rtn_hat(W, fmt), X[:16])
+
+
+def test_unusable_hessians_raise(layer):
+    """All-zero H (no calibration signal) and indefinite H raise HessianError (caller falls back to RTN)."""
+    W = layer[0]
+    fmt = get_format("q4_0")
+    with pytest.raises(HessianError):
+        gptq_quantize(W, torch.zeros(CI, CI), fmt)
+    with pytest.raises(HessianError):
+        gptq_quantize(W, -torch.eye(CI), fmt)
+    bad = torch.eye(CI)
+    bad[0, 1] = float("nan")
+    with pytest.raises(HessianError):
+        gptq_quantize(W, bad, fmt)
+    with pytest.raises(HessianError):
+        HessianAccumulator(CI).hessian()
+
+
+def test_bad_shapes_raise(layer):
+    W, _, H = layer
+    fmt = get_format("q4_0")
+    with pytest.raises(ValueError):
+        gptq_quantize(W[:, :40], H[:40, :40], fmt)
+    with pytest.raises(ValueError):
+        gptq_quantize(W, H, fmt, block_cols=48)
+
+
+def test_hessian_accumulator_sums_then_divides():
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(2, 5, 64, generator=g), torch.randn(7, 64, generator=g).double()]
+    acc = HessianAccumulator(64, dtype=torch.float64)
+    for x in xs:
+        acc.add(x)
+    X = torch.cat([x.reshape(-1, 64).double() for x in xs])
+    assert acc.n == 17
+    torch.testing.assert_close(acc.hessian(), 2 / 17 * X.T @ X)
+    XtX = torch.zeros(64, 64)
+    assert accumulate_hessian(XtX, xs[0]) == 10
+    torch.testing.assert_close(XtX, xs[0].reshape(-1, 64).T @ xs[0].reshape(-1, 64))
+
+
+def test_float32_hessian_is_enough(layer):
+    """A float32 running sum gives the same result as float64, up to rare ties."""
+    W, X, _ = layer
+    a32, a64 = HessianAccumulator(CI), HessianAccumulator(CI, dtype=torch.float64)
+    for xb in X.split(128):
+        a32.add(xb)
+        a64.add(xb)
+    fmt = get_format("q4_0")
+    r32, r64 = gptq_quantize(W, a32.hessian(), fmt), gptq_quantize(W, a64.hessian(), fmt)
+    assert (r32.q.codes == r64.q.codes).mean() > 0.99
+    assert out_err(W, r32.W_hat, X) == pytest.approx(out_err(W, r64.W_hat, X), rel=1e-2)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_rtn_search(layer, name):
+    """Scale search without feedback: valid, and never worse than llama.cpp's grid in its own loss."""
+    W, X, H = layer
+    fmt = get_format(name)
+    hdiag = H.diagonal()
+    q = rtn_search(W, fmt, hdiag)
+    W_hat = torch.from_numpy(fmt.dequantize(q)).reshape(W.shape)
+    assert_valid(q, W_hat, fmt, W.shape)
+
+    def hloss(Wh):
+        return ((W - Wh).square() * hdiag).sum().item()
+
+    assert hloss(W_hat) < hloss(rtn_hat(W, fmt))
+    q_plain = rtn_search(W, fmt)
+    W_plain = torch.from_numpy(fmt.dequantize(q_plain)).reshape(W.shape)
+    assert (W - W_plain).square().sum() <= (W - rtn_hat(W, fmt)).square().sum()
+
+
+@pytest.mark.parametrize("search_loss", ["hdiag", "gptq"])
+def test_chunked_search_is_the_same(layer, monkeypatch, search_loss):
+    """Row chunks (which bound memory on wide layers) do not change the result."""
+    W, _, H = layer
+    fmt = get_format("q4_1")
+    full = gptq_quantize(W, H, fmt, search_loss=search_loss)
+    monkeypatch.setattr(gptq, "_SEARCH_CHUNK", 7)
+    chunked = gptq_quantize(W, H, fmt, search_loss=search_loss)
+    assert np.array_equal(full.q.codes, chunked.q.codes)
+    assert np.array_equal(full.q.scales, chunked.q.scales)
+    assert np.array_equal(full.q.mins, chunked.q.mins)
