@@ -33,6 +33,7 @@ def _add_quantize(sub) -> None:
     g.add_argument("--damp", type=float, default=0.01, help="damping, fraction of mean diag(H) (default 0.01)")
     g.add_argument("--act-order", action="store_true", help="process columns by decreasing diag(H)")
     g.add_argument("--no-scale-search", action="store_true", help="keep llama.cpp's scale rule per block")
+    g.add_argument("--awq-grid", type=int, default=20, help="awq, awq+gptq: alpha grid points in [0, 1) (default 20)")
 
 
 def _run_quantize(args) -> int:
@@ -42,8 +43,10 @@ def _run_quantize(args) -> int:
     calib = CalibrationConfig(samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed,
                               text_file=args.calib_text, dataset=args.calib_dataset)
     options = {}
-    if args.method == "gptq":
+    if args.method in ("gptq", "awq+gptq"):
         options = {"damp": args.damp, "act_order": args.act_order, "scale_search": not args.no_scale_search}
+    if args.method in ("awq", "awq+gptq"):
+        options["n_grid"] = args.awq_grid
     report = quantize(args.model, args.out, type=args.type, method=args.method, pure=args.pure,
                       calibration=calib, method_options=options, threads=args.threads,
                       progress=not args.quiet and sys.stderr.isatty())  # no bar in logs and pipes

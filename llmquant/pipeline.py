@@ -115,7 +115,11 @@ class Pipeline:
             key = f"{i}:{group[0]}"
             self.runner.feed(layer, hidden, layer.get_submodule(members[0]),
                              lambda x, key=key: self.method.observe(key, x), batch_size)
-            self.method.prepare_group(key, layer, members, self.spec.smooth_from.get(group[0]))
+            fmts = {rel: get_format(self.plan[prefix + rel + ".weight"].type) for rel in members}
+            done = {n[len(prefix):-len(".weight")]: q for n, q in codes.items()}  # this layer's, so far
+            revised = self.method.prepare_group(key, layer, members, self.spec.smooth_from.get(group[0]),
+                                                fmts=fmts, done=done)
+            codes.update({prefix + rel + ".weight": q for rel, q in (revised or {}).items()})
             for rel in members:
                 name = prefix + rel + ".weight"
                 module = layer.get_submodule(rel)

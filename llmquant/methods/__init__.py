@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..errors import LlmquantError
 from .base import LinearReport, Method
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 
 
 def make_method(name: str, **options) -> Method:
@@ -16,6 +16,14 @@ def make_method(name: str, **options) -> Method:
         from .gptq_method import GPTQMethod
 
         return GPTQMethod(**options)
+    if name == "awq":
+        from .awq import AWQMethod
+
+        return AWQMethod(**options)
+    if name == "awq+gptq":
+        from .awq import AWQGPTQMethod
+
+        return AWQGPTQMethod(**options)
     raise LlmquantError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
 
 

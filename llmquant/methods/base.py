@@ -34,15 +34,23 @@ class Method:
     def observe(self, group: str, x: torch.Tensor) -> None:
         """Inputs of one group's shared input (x [..., ci]) from one calibration batch."""
 
-    def prepare_group(self, group: str, layer: torch.nn.Module, members: list[str], smooth: str | None) -> None:
+    def prepare_group(self, group: str, layer: torch.nn.Module, members: list[str], smooth: str | None, *,
+                      fmts: dict[str, type[BlockFormat]] | None = None,
+                      done: dict[str, QuantBlocks] | None = None) -> dict[str, QuantBlocks] | None:
         """Called once a group's inputs were observed, before its linears are quantized.
 
         A method may rewrite weights of ``layer`` in place here, as long as the
         layer still computes the same function in full precision (AWQ scales the
         members' input channels and folds the inverse into ``smooth``, the module
         that produces their input: a norm or a linear). members and smooth are
-        module paths relative to the layer.
+        module paths relative to the layer; fmts: each member's target format;
+        done: the codes already chosen for this layer's earlier linears (by
+        module path). A method that rewrites one of those must keep it on its
+        grid: it returns the replacement codes ({path: QuantBlocks}, which the
+        pipeline writes instead) and sets the module's weight to exactly their
+        dequantization.
         """
+        return None
 
     def quantize(self, name: str, group: str | None, W: torch.Tensor, fmt: type[BlockFormat]) -> tuple[QuantBlocks, LinearReport]:
         """Codes for W [co, ci] on fmt's grid, blocks in row-major order ([co * ci/32])."""
