@@ -23,6 +23,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--pure", action="store_true", help="every 2-D weight in --type (no llama.cpp per-tensor policy)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--report", type=Path, default=None,
+                   help="also write the full report as JSON (per-linear error vs RTN, time, method choices)")
     g = p.add_argument_group("calibration (gptq)")
     g.add_argument("--calib-text", type=Path, default=None, help="text file for calibration")
     g.add_argument("--calib-dataset", default=None, help="Hugging Face dataset name (needs hub access)")
@@ -51,6 +53,10 @@ def _run_quantize(args) -> int:
                       calibration=calib, method_options=options, threads=args.threads,
                       progress=not args.quiet and sys.stderr.isatty())  # no bar in logs and pipes
     print(report.summary())
+    if args.report:
+        import json
+
+        args.report.write_text(json.dumps(report.to_dict(), indent=1, default=str))
     return 0
 
 

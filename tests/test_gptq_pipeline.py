@@ -102,3 +102,18 @@ def test_dead_input_channels_fall_back_or_survive(tiny_llama, tmp_path):
     method.observe = observe
     quantize(tiny_llama, tmp_path / "dead.gguf", type="q4_0", method=method, calibration=CALIB, progress=False)
     assert calls and all(torch.isfinite(torch.from_numpy(w)).all() for w in method.w_hat.values())
+
+
+def test_cli_report_json_lists_each_linear_with_its_error_vs_rtn(tiny_llama, tmp_path):
+    import json
+
+    from llmquant.cli import main
+
+    out, report = tmp_path / "r.gguf", tmp_path / "r.json"
+    rc = main(["quantize", str(tiny_llama), "--out", str(out), "--method", "gptq", "--calib-samples", "4",
+               "--calib-seqlen", "128", "--quiet", "--report", str(report)])
+    assert rc == 0 and out.exists()
+    data = json.loads(report.read_text())
+    assert data["method"] == "gptq" and data["file_size"] == out.stat().st_size
+    linears = data["linears"]
+    assert len(linears) == 14 and all(r["err_method"] < r["err_rtn"] and r["seconds"] > 0 for r in linears)
