@@ -132,7 +132,6 @@ def _run_group(method, toy, x, fmt):
 
 def test_equal_activations_pick_alpha_zero_and_touch_nothing():
     toy = Toy()
-    before = _state(toy)
     signs = torch.randint(0, 2, (512, 128), generator=torch.Generator().manual_seed(3)) * 2 - 1
     x = signs.float() * 0.7  # |x| equal in every channel
     toy.norm.weight.data.fill_(1.0)  # the group's input is then equal in |x| too
