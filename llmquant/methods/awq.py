@@ -86,6 +86,7 @@ from .gptq import (
     _f16,
     _quant_blocks,
     gptq_quantize,
+    lstsq_grid,
 )
 
 CLIP_RATIOS = tuple(1 - 0.025 * i for i in range(13))  # 1.0 … 0.7 (every other one for types with a min)
@@ -243,18 +244,9 @@ def _refit(w, Gw, Gb, c, d, m):
     cGc = (Gc * c).sum(-1)
     cGw = (c * Gw).sum(-1)
     if m is None:
-        ok = cGc > 0
-        return torch.where(ok, cGw / torch.where(ok, cGc, 1.0), d), None
+        return lstsq_grid(cGc, cGw, d)
     G1 = Gb.sum(-1)  # [nb, 32]: G·1 per block
-    oGc = (c * G1).sum(-1)
-    oGo = G1.sum(-1)
-    oGw = (w * G1).sum(-1)
-    det = cGc * oGo - oGc * oGc
-    ok = det.abs() > 1e-6 * (cGc * oGo).clamp_min(1e-30)
-    det = torch.where(ok, det, 1.0)
-    d_new = (cGw * oGo - oGc * oGw) / det
-    m_new = (cGc * oGw - oGc * cGw) / det
-    return torch.where(ok, d_new, d), torch.where(ok, m_new, m)
+    return lstsq_grid(cGc, cGw, d, m, (c * G1).sum(-1), G1.sum(-1), (w * G1).sum(-1))
 
 
 def _block_err(w: torch.Tensor, c: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, Gb: torch.Tensor):

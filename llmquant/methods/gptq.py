@@ -144,19 +144,26 @@ def _refit(
     w, h: [n, g]; c: [K, n, g]; d, m: [K, n]
     """
     hc = h * c
-    s_cc = (hc * c).sum(-1)
-    s_wc = (hc * w).sum(-1)
     if m is None:
-        ok = s_cc > 0
-        return torch.where(ok, s_wc / torch.where(ok, s_cc, 1.0), d), None
-    s_c = hc.sum(-1)
-    s_1 = h.sum(-1)
-    s_w = (h * w).sum(-1)
-    det = s_cc * s_1 - s_c * s_c
-    ok = det.abs() > 1e-6 * (s_cc * s_1).clamp_min(1e-30)
+        return lstsq_grid((hc * c).sum(-1), (hc * w).sum(-1), d)
+    return lstsq_grid((hc * c).sum(-1), (hc * w).sum(-1), d, m, hc.sum(-1), h.sum(-1), (h * w).sum(-1))
+
+
+def lstsq_grid(cc, cw, d, m=None, c1=None, o1=None, w1=None):
+    """Solve the 2x2 (or 1x1) normal equations of min ||w - d·c - m||_G for (d, m).
+
+    Inputs are the weighted inner products cᵀGc, cᵀGw, cᵀG1, 1ᵀG1, wᵀG1 per
+    block (any shape); where the system is singular the old d, m are kept.
+    Shared by GPTQ's diagonal weighting and AWQ's full block Gram matrix.
+    """
+    if m is None:
+        ok = cc > 0
+        return torch.where(ok, cw / torch.where(ok, cc, 1.0), d), None
+    det = cc * o1 - c1 * c1
+    ok = det.abs() > 1e-6 * (cc * o1).clamp_min(1e-30)
     det = torch.where(ok, det, 1.0)
-    d_new = (s_wc * s_1 - s_c * s_w) / det
-    m_new = (s_cc * s_w - s_c * s_wc) / det
+    d_new = (cw * o1 - c1 * w1) / det
+    m_new = (cc * w1 - c1 * cw) / det
     return torch.where(ok, d_new, d), torch.where(ok, m_new, m)
 
 
