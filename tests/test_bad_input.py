@@ -235,7 +235,7 @@ def unwritable_dir(tmp_path):
         elif Path("/sys").is_dir() and not _writable(Path("/sys")):
             yield Path("/sys")
         else:
-            pytest.skip("running as root with no way to make a folder unwritable (no chattr, /sys writable)")
+            pytest.fail("cannot make a folder unwritable here (root, no chattr, /sys writable): install e2fsprogs")
     finally:
         if immutable:
             subprocess.run(["chattr", "-i", str(d)], check=True)
