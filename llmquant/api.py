@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import resource
+import dataclasses
 import time
 from pathlib import Path
 
@@ -11,7 +11,7 @@ import torch
 from .calibration import CalibrationConfig, calibration_tokens
 from .errors import LlmquantError
 from .export.arch import ArchSpec, config_int, get_arch
-from .export.gguf_file import GGUFOutput, PlannedTensor, check_output_path
+from .export.gguf_file import GGUFOutput, PlannedTensor, ResumableError, check_output_path
 from .export.metadata import add_metadata
 from .export.tokenizer import check_tokenizer_files
 from .loading.source import read_config, resolve_model
@@ -19,7 +19,8 @@ from .loading.weights import WeightStore
 from .methods import METHODS, Method, make_method
 from .pipeline import Pipeline
 from .policy import ALL_TYPES, choose_type
-from .report import QuantReport
+from .report import QuantReport, peak_rss_mib
+from .workdir import WorkDir, fingerprint
 
 
 def plan_tensors(spec: ArchSpec, config: dict, store: WeightStore, base: str, pure: bool) -> dict[str, PlannedTensor]:
@@ -69,6 +70,7 @@ def quantize(
     method_options: dict | None = None,
     threads: int | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> QuantReport:
     """Quantize a Hugging Face causal LM into a GGUF file that llama.cpp runs.
 
@@ -76,6 +78,8 @@ def quantize(
     type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1.
     method: rtn (byte-identical to llama.cpp's quantizer), gptq, or a Method object.
     pure: every 2-D weight in ``type`` (else llama.cpp's per-tensor policy).
+    resume: continue the interrupted run whose work folder (``<out>.llmquant-work``)
+        is beside ``out``; the result is byte-identical to an uninterrupted run.
     """
     t0 = time.perf_counter()
     type_ = type.lower()
@@ -101,14 +105,33 @@ def quantize(
 
         tokens = calibration_tokens(model_dir, calib)
         runner = LayerRunner(model_dir, store, spec.layer_prefix)
-    with GGUFOutput(out, spec.gguf_name) as output:
-        add_metadata(output.writer, spec, config, model_dir, type_, meth.name)
-        output.declare(list(plan.values()))
-        pipe = Pipeline(spec=spec, config=config, store=store, plan=plan, method=meth,
-                        output=output, runner=runner, progress=progress)
-        result = pipe.run(tokens, calib.batch_size)
-        output.commit()
-    store.close()
+    work = WorkDir(out)
+    settings = {"type": type_, "pure": pure, "method": meth.name, "method_options": meth.settings(),
+                "calibration": dataclasses.asdict(calib) if meth.needs_calibration else None,
+                "calibration_text": _text_digest(calib.text_file) if meth.needs_calibration else None}
+    point = work.open(fingerprint(model_dir, store.files, settings), resume)
+    try:
+        with GGUFOutput(out, spec.gguf_name, tmp=work.partial) as output:
+            output.keep_partial = True
+            add_metadata(output.writer, spec, config, model_dir, type_, meth.name)
+            output.declare(list(plan.values()), None if point is None else (point.offset, point.n_written))
+            pipe = Pipeline(spec=spec, config=config, store=store, plan=plan, method=meth,
+                            output=output, runner=runner, progress=progress)
+            result = pipe.run(tokens, calib.batch_size, resume=point, work=work)
+            output.commit()
+    except (KeyboardInterrupt, ResumableError, MemoryError, RuntimeError) as exc:
+        if work.resumable:
+            work.release()  # the finished layers stay for --resume
+        else:
+            work.remove()
+        if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc):
+            raise ResumableError(f"out of memory while quantizing into {out}; free memory "
+                                 "(or lower --calib-samples for calibrated methods)") from None
+        raise
+    except BaseException:
+        work.remove()
+        raise
+    work.remove()
     return QuantReport(
         model=str(model or "SmolLM2-135M-Instruct (default)"),
         out=out,
@@ -118,7 +141,15 @@ def quantize(
         tensors=list(plan.values()),
         file_size=out.stat().st_size,
         seconds=time.perf_counter() - t0,
-        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        peak_rss_mib=peak_rss_mib(),
         calibration_tokens=0 if tokens is None else tokens.numel(),
         linears=result.reports,
+        checksum=output.checksum,
+        resumed_at_layer=point.layers_done if point else None,
     )
+
+
+def _text_digest(path: Path | None) -> str | None:
+    import hashlib
+
+    return None if path is None else hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -23,6 +23,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--pure", action="store_true", help="every 2-D weight in --type (no llama.cpp per-tensor policy)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its work folder OUT.llmquant-work (same settings)")
     p.add_argument("--report", type=Path, default=None,
                    help="also write the full report as JSON (per-linear error vs RTN, time, method choices)")
     g = p.add_argument_group("calibration (gptq)")
@@ -50,7 +52,7 @@ def _run_quantize(args) -> int:
     if args.method in ("awq", "awq+gptq"):
         options["n_grid"] = args.awq_grid
     report = quantize(args.model, args.out, type=args.type, method=args.method, pure=args.pure,
-                      calibration=calib, method_options=options, threads=args.threads,
+                      calibration=calib, method_options=options, threads=args.threads, resume=args.resume,
                       progress=not args.quiet and sys.stderr.isatty())  # no bar in logs and pipes
     print(report.summary())
     if args.report:
@@ -125,11 +127,25 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command][1](args)
     except LlmquantError as exc:
         text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        from .export.gguf_file import ResumableError
+
+        if isinstance(exc, ResumableError):  # disk full, out of memory: fix that, then continue
+            text += _resume_hint(args)
         print(f"error: {text or type(exc).__name__}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted; no output file was left behind", file=sys.stderr)
+        print(f"interrupted; no output file was written{_resume_hint(args)}", file=sys.stderr)
         return 130
+
+
+def _resume_hint(args) -> str:
+    """How to continue, when the interrupted run had finished layers to keep."""
+    from .workdir import STATE, work_dir_for
+
+    out = getattr(args, "out", None)
+    if out is None or not (work_dir_for(out) / STATE).is_file():
+        return ""
+    return f"; the finished layers are kept in {work_dir_for(out)}: run again with --resume to continue"
 
 
 if __name__ == "__main__":

@@ -4,11 +4,14 @@ embeddings -> for each decoder layer: read its weights -> (calibrated methods:
 observe each true-sequential group's real inputs, quantize it, put the
 quantized weights back) -> encode and write its tensors -> (calibrated: run
 the quantized layer to make the next layer's inputs) -> free it -> final norm
-and head. Peak memory is one layer plus the calibration activations.
+and head. Peak memory is one layer plus the calibration activations plus one
+row chunk of the embedding or head, whatever the depth or vocabulary.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import time
 from dataclasses import dataclass, field
 
@@ -22,6 +25,10 @@ from .export.gguf_file import GGUFOutput, PlannedTensor
 from .formats import get_format
 from .methods import LinearReport, Method
 from .policy import FLOAT_TYPES
+from .workdir import ResumePoint, WorkDir
+
+# Row chunks of embeddings and heads: 4M float32 values (16 MiB) at a time.
+ROW_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass
@@ -49,6 +56,29 @@ def encode(spec: ArchSpec, config: dict, hf_name: str, planned: PlannedTensor, W
     return spec.to_gguf_rows(hf_name, packed, config)
 
 
+def release_freed_memory() -> None:
+    """Hand memory freed by the last layer back to the OS.
+
+    glibc keeps freed heap pages for reuse, and the many mid-sized temporaries
+    of a calibrated layer fragment its arenas, so without a trim resident
+    memory creeps up layer after layer.
+    """
+    if _libc is not None:
+        _libc.malloc_trim(0)
+
+
+def _load_libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim  # noqa: B018 - glibc only
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_libc = _load_libc()
+
+
 class Pipeline:
     """Streams one model through a method into a GGUFOutput."""
 
@@ -63,46 +93,84 @@ class Pipeline:
         planned = self.plan[hf_name]
         self.output.write(planned.name, encode(self.spec, self.config, hf_name, planned, W, q))
 
-    def run(self, tokens: torch.Tensor | None = None, batch_size: int = 8) -> PipelineResult:
-        """Write every tensor; ``tokens`` [n, seqlen] drives calibrated methods."""
+    def _stream_rows(self, hf_name: str, tokens: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Write a (possibly huge) embedding or head by row chunks, never whole.
+
+        With ``tokens``, also gather their embedding rows on the way: the
+        calibration inputs of layer 0.
+        """
+        planned = self.plan[hf_name]
+        rows, width = planned.shape
+        step = max(1, ROW_CHUNK_ELEMENTS // width)
+        hidden = None if tokens is None else torch.empty((*tokens.shape, width), dtype=torch.float32)
+
+        def chunks():
+            for start in range(0, rows, step):
+                W = self.store.get_rows(hf_name, start, min(start + step, rows))
+                if hidden is not None:
+                    hit = (tokens >= start) & (tokens < start + W.shape[0])
+                    hidden[hit] = W[tokens[hit] - start]
+                yield encode(self.spec, self.config, hf_name, planned, W)
+
+        self.output.write_chunks(planned.name, chunks())
+        return hidden
+
+    def run(self, tokens: torch.Tensor | None = None, batch_size: int = 8, *,
+            resume: ResumePoint | None = None, work: WorkDir | None = None) -> PipelineResult:
+        """Write every tensor; ``tokens`` [n, seqlen] drives calibrated methods.
+
+        resume: continue after the layers an interrupted run finished (their
+        tensors are already in the partial file); work: where each layer
+        boundary is recorded so that this run can be resumed in turn.
+        """
         t0 = time.perf_counter()
-        embed = self.store.get(self.spec.embed)
-        hidden = None
-        if self.method.needs_calibration:
-            hidden = embed[tokens]  # [n, seqlen, hidden]
+        calibrated = self.method.needs_calibration
+        if resume is None:
+            hidden = self._stream_rows(self.spec.embed, tokens if calibrated else None)
+            first = 0
+        else:
+            hidden, first = resume.hidden, resume.layers_done
+            self.result.reports = list(resume.reports)
+        if calibrated:
             self.runner.capture_kwargs(hidden[:batch_size])
-        self._write(self.spec.embed, embed)
-        del embed
         n_layers = int(self.config["num_hidden_layers"])
-        bar = tqdm(range(n_layers), desc="layers", unit="layer", disable=not self.progress, dynamic_ncols=True)
-        for i in bar:
+        bar = tqdm(range(n_layers), desc="layers", unit="layer", disable=not self.progress, dynamic_ncols=True,
+                   initial=first)
+        for i in range(first, n_layers):
             names = self.spec.layer_names(i, self.store.__contains__)
-            weights = {n: self.store.get(n) for n in names}
-            if hidden is not None:
+            if calibrated:
+                weights = {n: self.store.get(n) for n in names}
                 codes, hidden = self._calibrated_layer(i, weights, hidden, batch_size)
+                for n in names:
+                    self._write(n, weights[n], codes.get(n))
+                del weights, codes
             else:
-                codes = self._rtn_layer(weights)
-            for n in names:
-                self._write(n, weights[n], codes.get(n))
-            del weights, codes
+                for n in names:  # one tensor at a time: rtn needs nothing else of the layer
+                    self._rtn_tensor(n)
+            release_freed_memory()
+            if work is not None:
+                self.output.sync()
+                work.save(ResumePoint(i + 1, self.output.position, self.output.n_written, hidden,
+                                      self.result.reports))
+            bar.update()
+        bar.close()
         self.result.seconds_by_stage["layers"] = time.perf_counter() - t0
         self._write(self.spec.final_norm, self.store.get(self.spec.final_norm))
         if self.spec.head in self.plan:
-            self._write(self.spec.head, self.store.get(self.spec.head))
+            self._stream_rows(self.spec.head)
         return self.result
 
     def _quantizable(self, hf_name: str) -> bool:
         planned = self.plan[hf_name]
         return planned.type not in FLOAT_TYPES and len(planned.shape) == 2
 
-    def _rtn_layer(self, weights: dict[str, torch.Tensor]) -> dict:
-        codes = {}
-        for n, W in weights.items():
-            if self._quantizable(n):
-                fmt = get_format(self.plan[n].type)
-                codes[n], report = self.method.quantize(n, None, W, fmt)
-                self.result.reports.append(report)
-        return codes
+    def _rtn_tensor(self, name: str) -> None:
+        W = self.store.get(name)
+        q = None
+        if self._quantizable(name):
+            q, report = self.method.quantize(name, None, W, get_format(self.plan[name].type))
+            self.result.reports.append(report)
+        self._write(name, W, q)
 
     def _calibrated_layer(self, i: int, weights: dict, hidden: torch.Tensor, batch_size: int):
         layer = self.runner.build(i, weights)
@@ -132,6 +200,6 @@ class Pipeline:
         out = torch.cat([self.runner.forward(layer, b) for b in hidden.split(batch_size)])
         state = layer.state_dict()  # a method may have rewritten non-quantized tensors (norms)
         for n in weights:
-            weights[n] = state[n[len(prefix):]].detach().clone()
+            weights[n] = state[n[len(prefix):]].detach()
         self.runner.free(i)
         return codes, out

@@ -10,6 +10,23 @@ from .export.gguf_file import PlannedTensor
 from .methods import LinearReport
 
 
+def peak_rss_mib() -> float:
+    """This process's own peak resident memory.
+
+    VmHWM where Linux has it: ru_maxrss starts a child at its parent's size
+    (it is inherited through fork and exec), so it overstates a child's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 @dataclass
 class QuantReport:
     model: str
@@ -23,6 +40,8 @@ class QuantReport:
     peak_rss_mib: float = 0.0
     calibration_tokens: int = 0
     linears: list[LinearReport] = field(default_factory=list)
+    checksum: str = ""  # sha256 of the tensor data, read back from the written file
+    resumed_at_layer: int | None = None
 
     @property
     def n_params(self) -> int:
@@ -56,6 +75,9 @@ class QuantReport:
             f"{self.n_params / 1e6:.1f}M parameters",
             f"  time    {self.seconds:.1f} s   peak memory {self.peak_rss_mib:.0f} MiB",
         ]
+        lines.append(f"  data    {self.checksum}")
+        if self.resumed_at_layer is not None:
+            lines.append(f"  resumed after layer {self.resumed_at_layer} of an interrupted run")
         if self.calibration_tokens:
             lines.append(f"  calibration {self.calibration_tokens} tokens")
         errs = [r for r in self.linears if r.err_method is not None and r.err_rtn]

@@ -10,7 +10,9 @@ an error, a full disk or Ctrl-C never leaves a partial file at the target.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,14 @@ import numpy as np
 
 from ..errors import LlmquantError
 from ..policy import ggml_type
+
+
+class ResumableError(LlmquantError):
+    """A failure of the machine, not of the input: the finished layers can be resumed."""
+
+
+class WriteError(ResumableError):
+    """Writing the output failed (disk full, I/O error)."""
 
 
 @dataclass(frozen=True)
@@ -42,14 +52,24 @@ class PlannedTensor:
 
 
 class GGUFOutput:
-    """Context manager: declare, stream tensors in plan order, then commit."""
+    """Context manager: declare, stream tensors in plan order, then commit.
 
-    def __init__(self, out: Path, arch_name: str):
+    gguf's writer produces the header, metadata and tensor table; the tensor
+    data is appended here so that it can arrive in row chunks (a large
+    embedding never sits in memory whole) and so that a run can continue an
+    interrupted file from the end of its last finished layer (``resume_at``).
+    """
+
+    def __init__(self, out: Path, arch_name: str, tmp: Path | None = None):
         self.out = Path(out)
-        self.tmp = self.out.with_name(f".{self.out.name}.tmp-{os.getpid()}")
+        self.tmp = Path(tmp) if tmp is not None else self.out.with_name(f".{self.out.name}.tmp-{os.getpid()}")
         self.writer = gguf.GGUFWriter(None, arch_name)
+        self._fh = None
         self._pending: list[PlannedTensor] = []
+        self._n_written = 0
         self._committed = False
+        self.keep_partial = False  # set while a work folder can resume from the partial file
+        self.checksum = ""
 
     def __enter__(self) -> GGUFOutput:
         return self
@@ -58,8 +78,22 @@ class GGUFOutput:
         if not self._committed:
             self.abort()
 
-    def declare(self, plan: list[PlannedTensor]) -> None:
-        """Write header, metadata and the tensor table (metadata added on self.writer first)."""
+    @property
+    def n_written(self) -> int:
+        return self._n_written
+
+    @property
+    def position(self) -> int:
+        """Bytes written so far: where a resumed run cuts the partial file."""
+        return self._fh.tell()
+
+    def declare(self, plan: list[PlannedTensor], resume_at: tuple[int, int] | None = None) -> None:
+        """Write header, metadata and the tensor table (metadata added on self.writer first).
+
+        resume_at (byte offset, tensors written): keep the partial file at
+        self.tmp up to that point instead, after checking that its header is
+        the one these settings produce.
+        """
         for t in plan:
             qt = ggml_type(t.type)
             if qt == gguf.GGMLQuantizationType.F32:
@@ -70,66 +104,124 @@ class GGUFOutput:
                 byte_shape = gguf.quant_shape_to_byte_shape(t.shape, qt)
                 self.writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), t.nbytes, raw_dtype=qt)
         self._pending = list(plan)
-        self._guard(self._write_head)
+        if resume_at is None:
+            self._guard(lambda: self._write_head(self.tmp))
+            self._fh = self.writer.fout[0]
+            self.writer.fout = None  # the data is ours to write
+            self._guard(lambda: self._fh.write(bytes(_pad(self._fh.tell(), self.writer.data_alignment))))
+            return
+        offset, n_done = resume_at
+        head_file = self.tmp.with_name(self.tmp.name + ".head")
+        try:
+            self._guard(lambda: self._write_head(head_file))
+            self.writer.close()
+            head = head_file.read_bytes()
+        finally:
+            head_file.unlink(missing_ok=True)
+        with open(self.tmp, "rb") as fh:
+            same = fh.read(len(head)) == head
+        if not same or offset < len(head) or offset > self.tmp.stat().st_size:
+            raise LlmquantError(f"the partial file {self.tmp} does not match this run; remove {self.tmp.parent} and start again")
+        self._fh = open(self.tmp, "r+b")  # noqa: SIM115 - closed in commit/abort
+        self._fh.truncate(offset)
+        self._fh.seek(offset)
+        self._pending = self._pending[n_done:]
+        self._n_written = n_done
 
-    def _write_head(self) -> None:
-        self.writer.write_header_to_file(self.tmp)
+    def _write_head(self, path: Path) -> None:
+        self.writer.write_header_to_file(path)
         self.writer.write_kv_data_to_file()
         self.writer.write_ti_data_to_file()
 
     def write(self, name: str, data: np.ndarray) -> None:
         """Append the next tensor's bytes; name must be the next one in the plan."""
+        self.write_chunks(name, [data])
+
+    def write_chunks(self, name: str, chunks: Iterable[np.ndarray]) -> None:
+        """Append the next tensor from consecutive pieces of its data (e.g. row ranges)."""
         if not self._pending or self._pending[0].name != name:
             expected = self._pending[0].name if self._pending else "nothing"
             raise RuntimeError(f"tensor {name} written out of order (expected {expected})")
         t = self._pending.pop(0)
-        if data.nbytes != t.nbytes:
-            raise RuntimeError(f"tensor {name}: {data.nbytes} bytes, planned {t.nbytes}")
-        self._guard(lambda: self.writer.write_tensor_data(np.ascontiguousarray(data)))
+        total = 0
+        for chunk in chunks:
+            total += chunk.nbytes
+            if total > t.nbytes:
+                raise RuntimeError(f"tensor {name}: more than the {t.nbytes} bytes planned")
+            self._guard(lambda chunk=chunk: np.ascontiguousarray(chunk).tofile(self._fh))
+        if total != t.nbytes:
+            raise RuntimeError(f"tensor {name}: {total} bytes, planned {t.nbytes}")
+        self._guard(lambda: self._fh.write(bytes(_pad(total, self.writer.data_alignment))))
+        self._n_written += 1
+
+    def sync(self) -> None:
+        """Make everything written so far durable (a layer boundary a run can resume from)."""
+        self._guard(lambda: (self._fh.flush(), os.fsync(self._fh.fileno())))
 
     def commit(self) -> None:
         """Flush, check the file reads back as planned, then rename it into place."""
         if self._pending:
             raise RuntimeError(f"{len(self._pending)} tensors never written, first {self._pending[0].name}")
-
-        def finish() -> None:
-            for f in self.writer.fout or []:
-                f.flush()
-                os.fsync(f.fileno())
-            self.writer.close()
-
-        self._guard(finish)
-        verify_gguf(self.tmp)
-        os.replace(self.tmp, self.out)
+        self.sync()
+        self._guard(self._fh.close)
+        self.checksum = verify_gguf(self.tmp, self._planned_infos())
+        self._guard(lambda: os.replace(self.tmp, self.out))
         self._committed = True
 
+    def _planned_infos(self) -> list[tuple[str, int]]:
+        return [(name, ti.nbytes) for name, ti in self.writer.tensors[0].items()]
+
     def abort(self) -> None:
-        try:
-            self.writer.close()
-        except Exception:  # closing a half-written file must not hide the real error
-            pass
-        self.tmp.unlink(missing_ok=True)
+        for close in (self.writer.close, getattr(self._fh, "close", None)):
+            try:
+                if close:
+                    close()
+            except Exception:  # closing a half-written file must not hide the real error
+                pass
+        if not self.keep_partial:
+            self.tmp.unlink(missing_ok=True)
 
     def _guard(self, fn) -> None:
         try:
             fn()
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
-                raise LlmquantError(f"no space left on the device while writing {self.out}") from None
-            raise LlmquantError(f"cannot write {self.out}: {exc.strerror or exc}") from None
+                raise WriteError(f"no space left on the device while writing {self.out}") from None
+            raise WriteError(f"cannot write {self.out}: {exc.strerror or exc}") from None
 
 
-def verify_gguf(path: Path) -> int:
-    """Re-read a written file's header and tensor table; return its tensor count."""
+def _pad(n: int, align: int) -> int:
+    return -n % align
+
+
+def verify_gguf(path: Path, planned: list[tuple[str, int]] | None = None) -> str:
+    """Re-read a written file: header, tensor table against the plan, exact size; sha256 of the data.
+
+    The checksum covers the tensor data section, so two runs that claim to be
+    identical can be compared from their reports alone.
+    """
     try:
         reader = gguf.GGUFReader(path)
     except Exception as exc:
         raise LlmquantError(f"the written file {path} does not read back: {exc}") from None
     size = path.stat().st_size
+    if planned is not None:
+        got = [(t.name, int(t.n_bytes)) for t in reader.tensors]
+        if got != planned:
+            raise LlmquantError(f"the written file {path} does not hold the planned tensors")
+    end, align = int(reader.data_offset), int(reader.alignment)
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:
             raise LlmquantError(f"the written file {path} is truncated at tensor {t.name}")
-    return len(reader.tensors)
+        end = max(end, int(t.data_offset) + int(t.n_bytes))
+    if planned is not None and size != end + _pad(end, align):
+        raise LlmquantError(f"the written file {path} is {size} bytes, expected {end + _pad(end, align)}")
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        fh.seek(int(reader.data_offset))
+        while block := fh.read(1 << 24):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
 
 
 def check_output_path(out: Path, model_dir: Path) -> None:

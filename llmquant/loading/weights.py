@@ -2,8 +2,9 @@
 
 Only the headers are read up front (names, shapes, dtypes, byte ranges), and
 checked against the file sizes so a truncated or corrupt shard fails before
-any output is written. Each tensor is then read on demand through mmap, one
-decoder layer at a time, so memory never grows with the number of layers.
+any output is written. Each tensor is then read on demand (its byte range, or
+a range of its rows), one decoder layer at a time, so memory never grows with
+the number of layers.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ..errors import LlmquantError
 
 # safetensors dtype -> bytes per element; these are the ones a float model uses
 _FLOAT_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+_NUMPY_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<i2", "F64": "<f8"}
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class TensorEntry:
     file: Path
     dtype: str
     shape: tuple[int, ...]
+    offset: int = 0  # of the first data byte in the file
 
 
 class WeightStore:
@@ -35,12 +38,11 @@ class WeightStore:
 
     def __init__(self, model_dir: Path):
         self.model_dir = model_dir
-        files = self._shard_files(model_dir)
+        self.files = files = self._shard_files(model_dir)
         self.entries: dict[str, TensorEntry] = {}
         for f in files:
             for entry in _read_header(f):
                 self.entries[entry.name] = entry
-        self._handles: dict[Path, object] = {}
 
     @staticmethod
     def _shard_files(model_dir: Path) -> list[Path]:
@@ -70,27 +72,44 @@ class WeightStore:
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor as float32 (a fresh copy, safe to modify)."""
-        from safetensors import SafetensorError, safe_open
+        return self._read(name, None)
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor as float32: large embeddings and heads stream by rows."""
+        return self._read(name, (start, stop))
+
+    def _read(self, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
         try:
             entry = self.entries[name]
         except KeyError:
             raise LlmquantError(f"tensor {name} is missing from the checkpoint in {self.model_dir}") from None
+        shape = entry.shape
+        itemsize = _FLOAT_DTYPES[entry.dtype]
+        row_elems = int(np.prod(shape[1:], dtype=np.int64))
+        first, last = rows if rows is not None else (0, shape[0] if shape else 1)
+        if rows is not None:
+            shape = (last - first, *shape[1:])
+        # A plain read of the byte range, not safetensors' mmap: the mmap maps the
+        # whole shard (GBs of address space, counted against a memory limit) and
+        # keeps every page it touched resident while it is open.
         try:
-            handle = self._handles.get(entry.file)
-            if handle is None:
-                handle = safe_open(str(entry.file), framework="pt")
-                self._handles[entry.file] = handle
-            t = handle.get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError) as exc:
-            raise LlmquantError(f"cannot read tensor {name} from {entry.file.name}: {exc}") from None
-        t = t.to(torch.float32).clone()
+            with open(entry.file, "rb") as fh:
+                fh.seek(entry.offset + first * row_elems * itemsize)
+                raw = np.fromfile(fh, dtype=_NUMPY_DTYPES[entry.dtype], count=(last - first) * row_elems)
+        except OSError as exc:
+            raise LlmquantError(f"cannot read tensor {name} from {entry.file.name}: {exc.strerror or exc}") from None
+        if raw.size != (last - first) * row_elems:
+            raise LlmquantError(f"cannot read tensor {name} from {entry.file.name}: the file is truncated")
+        t = torch.from_numpy(raw)
+        if entry.dtype == "BF16":
+            t = t.view(torch.bfloat16)
+        t = t.to(torch.float32).reshape(shape)
         if not torch.isfinite(t).all():
             raise LlmquantError(f"tensor {name} holds NaN or Inf values; refusing to quantize it")
         return t
 
     def close(self) -> None:
-        self._handles.clear()
+        """Nothing stays open between reads; kept so callers need not know."""
 
 
 def _read_header(path: Path) -> list[TensorEntry]:
@@ -129,5 +148,5 @@ def _read_header(path: Path) -> list[TensorEntry]:
             raise LlmquantError(f"tensor {name} in {path.name} has dtype {dtype}; llmquant reads F32, F16, BF16 weights")
         if end - start != _FLOAT_DTYPES[dtype] * int(np.prod(shape, dtype=np.int64)):
             raise LlmquantError(f"corrupt safetensors header in {path.name}: size of {name} does not match its shape")
-        entries.append(TensorEntry(name, path, dtype, shape))
+        entries.append(TensorEntry(name, path, dtype, shape, 8 + n + start))
     return entries

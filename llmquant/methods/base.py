@@ -31,6 +31,10 @@ class Method:
     name = "rtn"
     needs_calibration = False
 
+    def settings(self) -> dict:
+        """The options that decide this method's output (part of a resumable run's fingerprint)."""
+        return {k: v for k, v in sorted(vars(self).items()) if not k.startswith("_")}
+
     def observe(self, group: str, x: torch.Tensor) -> None:
         """Inputs of one group's shared input (x [..., ci]) from one calibration batch."""
 

@@ -1,0 +1,156 @@
+"""The work folder beside the output: what a run needs to continue after a crash.
+
+A quantization of a large model runs for hours; a kill, an out-of-memory
+kill or a reboot must not throw that away. The partial GGUF file is written
+inside ``<out>.llmquant-work/`` and, at every layer boundary, made durable
+together with a small state file (how many tensors and bytes are final, the
+per-linear reports) and, for calibrated methods, the hidden states that feed
+the next layer. ``--resume`` cuts the partial file back to the last boundary
+and goes on from there, so the result is byte-identical to an uninterrupted
+run. A fingerprint of everything that decides the bytes (model, method and its
+options, type, calibration) guards against continuing with other settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .errors import LlmquantError
+from .methods import LinearReport
+
+STATE = "state.json"
+FINGERPRINT = "fingerprint.json"
+PARTIAL = "partial.gguf"
+
+
+@dataclass
+class ResumePoint:
+    """Where a run stopped: after ``layers_done`` decoder layers."""
+
+    layers_done: int
+    offset: int
+    n_written: int
+    hidden: torch.Tensor | None = None
+    reports: list[LinearReport] = field(default_factory=list)
+
+
+def work_dir_for(out: Path) -> Path:
+    return out.with_name(out.name + ".llmquant-work")
+
+
+def fingerprint(model_dir: Path, weight_files: list[Path], settings: dict) -> dict:
+    """What decides the output bytes; the model enters by content, not by path."""
+    digest = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for f in weight_files:  # header (names, shapes, offsets) and size: cheap, and any re-export changes them
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            digest.update(fh.read(n))
+        digest.update(str(f.stat().st_size).encode())
+    return {"llmquant": __version__, "model": digest.hexdigest(), **settings}
+
+
+class WorkDir:
+    """The work folder of one output file, locked against a second run."""
+
+    def __init__(self, out: Path):
+        self.path = work_dir_for(Path(out))
+        self.partial = self.path / PARTIAL
+        self._lock = None
+
+    def open(self, fp: dict, resume: bool) -> ResumePoint | None:
+        """Claim the folder; the point to continue from when ``resume`` finds one."""
+        if self.path.exists() and not self.path.is_dir():
+            raise LlmquantError(f"{self.path} exists and is not a work folder; remove it")
+        found = self.resumable
+        if found and not resume:
+            raise LlmquantError(
+                f"an interrupted run left its work in {self.path}; add --resume to continue it, "
+                "or delete that folder to start over"
+            )
+        self.path.mkdir(exist_ok=True)
+        self._claim()
+        if found:
+            old = json.loads((self.path / FINGERPRINT).read_text())
+            changed = sorted(k for k in old.keys() | fp.keys() if old.get(k) != fp.get(k))
+            if changed:
+                raise LlmquantError(
+                    f"cannot resume: {', '.join(changed)} differ(s) from the interrupted run in {self.path} "
+                    f"(was {', '.join(f'{k}={old.get(k)!r}' for k in changed)}); "
+                    "run with the same settings, or delete that folder to start over"
+                )
+            return self._load()
+        for child in self.path.iterdir():  # a run that died before its first layer: nothing to keep
+            if child.name != ".lock":
+                child.unlink()
+        _write_json(self.path / FINGERPRINT, fp)
+        return None
+
+    def _claim(self) -> None:
+        self._lock = open(self.path / ".lock", "w")  # noqa: SIM115 - held for the whole run
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise LlmquantError(f"another llmquant run is using {self.path}") from None
+
+    def _load(self) -> ResumePoint:
+        state = json.loads((self.path / STATE).read_text())
+        hidden = None
+        if state.get("hidden"):
+            hidden = torch.load(self.path / state["hidden"], weights_only=True)
+        reports = [LinearReport(**r) for r in state["reports"]]
+        return ResumePoint(state["layers_done"], state["offset"], state["n_written"], hidden, reports)
+
+    def save(self, point: ResumePoint) -> None:
+        """Record a layer boundary. The partial file must already be synced up to point.offset."""
+        name = None
+        if point.hidden is not None:
+            name = f"hidden-{point.layers_done:05d}.pt"
+            tmp = self.path / (name + ".tmp")
+            torch.save(point.hidden, tmp)
+            _fsync(tmp)
+            os.replace(tmp, self.path / name)
+        state = {"layers_done": point.layers_done, "offset": point.offset, "n_written": point.n_written,
+                 "hidden": name, "reports": [dataclasses.asdict(r) for r in point.reports]}
+        _write_json(self.path / STATE, state)
+        for old in self.path.glob("hidden-*.pt"):
+            if old.name != name:
+                old.unlink()
+
+    @property
+    def resumable(self) -> bool:
+        """True once a layer boundary was recorded."""
+        return (self.path / STATE).is_file()
+
+    def remove(self) -> None:
+        self.release()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, default=str))
+    _fsync(tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,100 @@
+"""--resume after kill -9: byte-identical output, refused when a setting changed, work folder cleaned up."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tiny import build_tiny_model
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+# gptq on a deep tiny model: each layer takes long enough to be killed in the middle of the run
+ARGS = ["--type", "q4_0", "--method", "gptq", "--calib-samples", "16", "--calib-seqlen", "128", "--quiet"]
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llmquant.cli", *args], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def deep(smollm2_dir, tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("resume") / "deep", "llama", smollm2_dir,
+                            hidden=128, layers=12, tied=False)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(deep, tmp_path_factory) -> bytes:
+    d = tmp_path_factory.mktemp("whole")
+    proc = cli("quantize", str(deep), "--out", str(d / "m.gguf"), *ARGS, cwd=d)
+    assert proc.returncode == 0, proc.stderr
+    assert not (d / "m.gguf.llmquant-work").exists()  # removed after success
+    return (d / "m.gguf").read_bytes()
+
+
+def kill_after(deep: Path, out: Path, layers: int, extra: tuple[str, ...] = ()) -> dict:
+    """Start a run, SIGKILL it once ``layers`` layer boundaries are recorded; the state it left."""
+    state = out.with_name(out.name + ".llmquant-work") / "state.json"
+    proc = subprocess.Popen([sys.executable, "-m", "llmquant.cli", "quantize", str(deep), "--out", str(out),
+                             *ARGS, *extra], cwd=out.parent, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, f"run ended before it could be killed: {proc.communicate()[1]}"
+            assert time.monotonic() < deadline, "no layer boundary recorded in time"
+            try:
+                if json.loads(state.read_text())["layers_done"] >= layers:
+                    break
+            except (FileNotFoundError, json.JSONDecodeError, KeyError):
+                pass
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not out.exists()
+    return json.loads(state.read_text())
+
+
+def test_resume_after_kill_is_byte_identical(deep, uninterrupted, tmp_path):
+    out = tmp_path / "m.gguf"
+    left = kill_after(deep, out, layers=3)
+    assert 3 <= left["layers_done"] < 12
+    proc = cli("quantize", str(deep), "--out", str(out), *ARGS, "--resume", "--report", str(tmp_path / "r.json"),
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["resumed_at_layer"] >= left["layers_done"]
+    assert len(report["linears"]) == 12 * 7  # the reports of the layers done before the kill are kept
+    assert out.read_bytes() == uninterrupted
+    assert report["checksum"].startswith("sha256:")
+    assert not out.with_name("m.gguf.llmquant-work").exists()
+
+
+def test_changed_setting_refuses_to_resume(deep, tmp_path):
+    out = tmp_path / "m.gguf"
+    kill_after(deep, out, layers=1)
+    proc = cli("quantize", str(deep), "--out", str(out), *ARGS, "--damp", "0.05", "--resume", cwd=tmp_path)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: cannot resume: method_options differ") and "damp" in lines[0], lines[0]
+    assert not out.exists()
+    # without --resume an existing work folder is never thrown away silently
+    proc = cli("quantize", str(deep), "--out", str(out), *ARGS, cwd=tmp_path)
+    assert proc.returncode == 2 and "add --resume to continue it" in proc.stderr, proc.stderr
+    assert (tmp_path / "m.gguf.llmquant-work" / "state.json").is_file()
+
+
+def test_resume_without_work_folder_starts_fresh(deep, uninterrupted, tmp_path):
+    proc = cli("quantize", str(deep), "--out", str(tmp_path / "m.gguf"), *ARGS, "--resume", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "m.gguf").read_bytes() == uninterrupted
