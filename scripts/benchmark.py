@@ -34,7 +34,7 @@ KEY_FIELDS = ("type", "method", "model", "ctx", "windows", "calib")
 
 # Runs in a fresh interpreter: argv[1] is a JSON job; prints one JSON line {seconds, peak_mib}.
 WORKER = r"""
-import json, resource, sys, time
+import json, sys, time
 job = json.loads(sys.argv[1])
 t0 = time.perf_counter()
 if job["method"] == "llama.cpp":
@@ -54,7 +54,8 @@ else:
     except LlmquantError as exc:
         sys.exit(f"error: {exc}")
 seconds = time.perf_counter() - t0
-print(json.dumps({"seconds": seconds, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+from llmquant.report import peak_rss_mib  # VmHWM: ru_maxrss would start at the parent's size
+print(json.dumps({"seconds": seconds, "peak_mib": peak_rss_mib()}))
 """
 
 
