@@ -126,6 +126,12 @@ def with_nan(t):
     return t
 
 
+def with_inf(t):
+    t = t.clone()
+    t[0, 3] = float("-inf")
+    return t
+
+
 def to_int8(t):
     import torch
 
@@ -178,6 +184,7 @@ CASES = {
     "too-many-layers-in-config": Case(r"tensor model\.layers\.2\.input_layernorm\.weight is missing",
                                       mutate=edit_config(num_hidden_layers=3)),
     "nan-weight": Case(rf"tensor {re.escape(NAN_TENSOR)} holds NaN", mutate=rewrite_tensor(NAN_TENSOR, with_nan)),
+    "inf-weight": Case(rf"tensor {re.escape(NAN_TENSOR)} holds NaN or Inf", mutate=rewrite_tensor(NAN_TENSOR, with_inf)),
     "int8-weight": Case(r"tensor model\.layers\.0\.self_attn\.q_proj\.weight in model\.safetensors has dtype I8",
                         mutate=rewrite_tensor("model.layers.0.self_attn.q_proj.weight", to_int8)),
     "unknown-type": Case(r"unknown type 'q3_X'", args=("--type", "q3_X")),
@@ -261,6 +268,33 @@ def test_output_is_a_folder(tiny, tmp_path):
     assert _snapshot(tmp_path) == {"m.gguf"}
 
 
+@pytest.mark.parametrize("target", ["model.safetensors", "config.json"])
+def test_output_equal_to_an_input_file(target, tiny, tmp_path):
+    """Also when the model folder only links its files (as the hub cache does)."""
+    model_dir = linked_copy(tiny, tmp_path / "model")
+    before = (model_dir / target).read_bytes()
+    proc = cli("quantize", str(model_dir), "--out", str(model_dir / target), cwd=tmp_path)
+    assert re.search(rf"output .*{re.escape(target)} would overwrite a file of the input model", error_line(proc))
+    assert (model_dir / target).read_bytes() == before
+    assert _snapshot(model_dir) == _snapshot(tiny)
+
+
+def test_row_length_the_type_cannot_hold_falls_back_to_f16(smollm2_dir, tmp_path):
+    """hidden_size 48 is no multiple of q4_0's 32-weight block: those tensors are written f16, with a
+    note (llama.cpp's own last fallback), the rest q4_0, and the file runs."""
+    from llmquant.generate import generate
+    from llmquant.inspect_gguf import open_gguf
+
+    model = build_tiny_model(tmp_path / "w48", "llama", smollm2_dir, hidden=48, layers=2, tied=False)
+    out = tmp_path / "w48.gguf"
+    proc = cli("quantize", str(model), "--out", str(out), "--type", "q4_0", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "note: row of 48 is not a multiple of 32: f16 instead of q4_0 (" in proc.stdout, proc.stdout
+    types = {t.name: t.tensor_type.name for t in open_gguf(out).tensors}
+    assert types["blk.0.attn_q.weight"] == "F16" and types["blk.0.ffn_down.weight"] == "Q4_0", types
+    assert generate(out, "The capital of France is", max_tokens=4, threads=1)
+
+
 def test_output_folder_not_writable(tiny, tmp_path, unwritable_dir):
     before = _snapshot(unwritable_dir)
     proc = cli("quantize", str(tiny), "--out", str(unwritable_dir / "m.gguf"), cwd=tmp_path)
@@ -337,3 +371,45 @@ def test_inspect_good_file_still_works(tiny_gguf, tmp_path):
     proc = cli("inspect", str(tiny_gguf), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "token_embd.weight" in proc.stdout
+
+
+# --- disk full ----------------------------------------------------------------------------------------
+
+
+def run_on_small_disk(size: str, *args: str, cwd: Path) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """The CLI writing into a fresh tmpfs of ``size``; its stderr and what the tmpfs holds afterwards.
+
+    The tmpfs is mounted in a private mount namespace (unshare, as any user where user namespaces are
+    enabled), so nothing outlives the command.
+    """
+    if not shutil.which("unshare"):
+        pytest.fail("unshare (util-linux) is needed to make a small disk for the disk-full test")
+    disk = cwd / "disk"
+    disk.mkdir()
+    script = (f'mount -t tmpfs -o size={size} tmpfs "$1" || exit 99; shift; "$@" 2>"$OLDPWD/stderr"; rc=$?; '
+              'ls -A "$DISK" > "$OLDPWD/listing"; exit $rc')
+    proc = subprocess.run(["unshare", "-Urm", "sh", "-c", script, "sh", str(disk), sys.executable, "-m",
+                           "llmquant.cli", "quantize", *args, "--out", str(disk / "m.gguf")],
+                          cwd=cwd, env={**ENV, "DISK": str(disk), "OLDPWD": str(cwd)}, capture_output=True,
+                          text=True, timeout=300)
+    if proc.returncode == 99:
+        pytest.fail(f"cannot mount a tmpfs in a user namespace here: {proc.stderr.strip()}")
+    proc.stderr = (cwd / "stderr").read_text()
+    return proc, (cwd / "listing").read_text().split()
+
+
+def test_disk_full_before_any_layer(tiny, tmp_path):
+    proc, left = run_on_small_disk("1m", str(tiny), "--type", "q8_0", cwd=tmp_path)
+    assert re.search(r"no space left on the device while writing .*m\.gguf$", error_line(proc))
+    assert left == []
+
+
+def test_disk_full_after_some_layers_keeps_them(smollm2_dir, tmp_path):
+    """Embedding and layers fit, the q8_0 head does not: the finished layers stay, and the error says
+    how to continue once there is space."""
+    model = build_tiny_model(tmp_path / "untied", "llama", smollm2_dir, tied=False)
+    proc, left = run_on_small_disk("5m", str(model), "--type", "q4_0", cwd=tmp_path)
+    line = error_line(proc)
+    assert re.search(r"no space left on the device while writing .*m\.gguf; the finished layers are kept in "
+                     r".*m\.gguf\.llmquant-work: run again with --resume", line), line
+    assert left == ["m.gguf.llmquant-work"]

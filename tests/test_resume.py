@@ -98,3 +98,31 @@ def test_resume_without_work_folder_starts_fresh(deep, uninterrupted, tmp_path):
     proc = cli("quantize", str(deep), "--out", str(tmp_path / "m.gguf"), *ARGS, "--resume", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "m.gguf").read_bytes() == uninterrupted
+
+
+def test_written_file_is_checked_and_checksummed(deep, tmp_path):
+    """The report's checksum is the sha256 of the file's tensor data; a damaged file fails the check."""
+    import hashlib
+
+    import gguf
+
+    from llmquant import quantize
+    from llmquant.errors import LlmquantError
+    from llmquant.export.gguf_file import verify_gguf
+
+    out = tmp_path / "m.gguf"
+    report = quantize(deep, out, type="q8_0", progress=False)
+    data = out.read_bytes()
+    start = int(gguf.GGUFReader(out).data_offset)
+    assert report.checksum == "sha256:" + hashlib.sha256(data[start:]).hexdigest()
+    planned = [(t.name, t.nbytes) for t in report.tensors]
+    assert verify_gguf(out, planned) == report.checksum
+    with pytest.raises(LlmquantError, match="does not hold the planned tensors"):
+        verify_gguf(out, planned[:-1])
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(data[:-64])
+    with pytest.raises(LlmquantError, match="does not read back"):
+        verify_gguf(bad, planned)
+    bad.write_bytes(data + bytes(32))
+    with pytest.raises(LlmquantError, match=f"is {len(data) + 32} bytes, expected {len(data)}"):
+        verify_gguf(bad, planned)

@@ -148,7 +148,8 @@ class GGUFOutput:
             total += chunk.nbytes
             if total > t.nbytes:
                 raise RuntimeError(f"tensor {name}: more than the {t.nbytes} bytes planned")
-            self._guard(lambda chunk=chunk: np.ascontiguousarray(chunk).tofile(self._fh))
+            # file.write, not ndarray.tofile: a short write must raise with its errno (ENOSPC)
+            self._guard(lambda chunk=chunk: self._fh.write(np.ascontiguousarray(chunk).data))
         if total != t.nbytes:
             raise RuntimeError(f"tensor {name}: {total} bytes, planned {t.nbytes}")
         self._guard(lambda: self._fh.write(bytes(_pad(total, self.writer.data_alignment))))
@@ -224,6 +225,13 @@ def verify_gguf(path: Path, planned: list[tuple[str, int]] | None = None) -> str
     return "sha256:" + digest.hexdigest()
 
 
+def _is_an_input(out: Path, model_dir: Path) -> bool:
+    """out is one of the model's files, also through links (hub caches link every file)."""
+    if not out.exists():
+        return False
+    return any(f.is_file() and os.path.samefile(out, f) for f in model_dir.iterdir())
+
+
 def check_output_path(out: Path, model_dir: Path) -> None:
     """Fail before any work when the output cannot be written where asked."""
     out = Path(out)
@@ -232,7 +240,7 @@ def check_output_path(out: Path, model_dir: Path) -> None:
         raise LlmquantError(f"output folder {parent} does not exist")
     if out.is_dir():
         raise LlmquantError(f"output {out} is a folder; give a file name such as model-q4_0.gguf")
-    if out.resolve().is_relative_to(model_dir.resolve()) and out.suffix != ".gguf":
+    if out.resolve().is_relative_to(model_dir.resolve()) and out.suffix != ".gguf" or _is_an_input(out, model_dir):
         raise LlmquantError(f"output {out} would overwrite a file of the input model")
     # create a file for real: mode bits say nothing for root, ACLs or read-only mounts
     probe = parent / f".{out.name}.probe-{os.getpid()}"
