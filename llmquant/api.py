@@ -108,7 +108,10 @@ def quantize(
     work = WorkDir(out)
     settings = {"type": type_, "pure": pure, "method": meth.name, "method_options": meth.settings(),
                 "calibration": dataclasses.asdict(calib) if meth.needs_calibration else None,
-                "calibration_text": _text_digest(calib.text_file) if meth.needs_calibration else None}
+                "calibration_text": _text_digest(calib.text_file) if meth.needs_calibration else None,
+                # LAPACK's Cholesky and torch's parallel sums add in an order set by the thread
+                # count, which can flip a near-tied code: calibrated bytes are reproducible per count
+                "torch_threads": torch.get_num_threads() if meth.needs_calibration else None}
     point = work.open(fingerprint(model_dir, store.files, settings), resume)
     try:
         with GGUFOutput(out, spec.gguf_name, tmp=work.partial) as output:

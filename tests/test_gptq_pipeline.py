@@ -72,6 +72,18 @@ def test_gptq_is_deterministic(tiny_llama, tmp_path):
     assert a.read_bytes() == b.read_bytes()
 
 
+def test_rtn_bytes_do_not_depend_on_the_thread_count(smollm2_dir, tmp_path):
+    """SmolLM2's widths (576 wide, 1216-wide MLP here): wide enough for torch to split its kernels."""
+    model = build_tiny_model(tmp_path / "m", "llama", smollm2_dir, hidden=576, layers=2, tied=False)
+    before = torch.get_num_threads()
+    try:
+        sums = {quantize(model, tmp_path / f"t{n}.gguf", type="q4_1", threads=n, progress=False).checksum
+                for n in (1, 2, 3)}
+    finally:
+        torch.set_num_threads(before)
+    assert len(sums) == 1, sums
+
+
 def test_short_calibration_text_warns_with_the_token_count(tiny_llama, tmp_path):
     text = tmp_path / "short.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)

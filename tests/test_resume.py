@@ -94,6 +94,15 @@ def test_changed_setting_refuses_to_resume(deep, tmp_path):
     assert (tmp_path / "m.gguf.llmquant-work" / "state.json").is_file()
 
 
+def test_other_thread_count_refuses_to_resume(deep, tmp_path):
+    """Calibrated bytes are reproducible per thread count (LAPACK sums in a thread-dependent order)."""
+    out = tmp_path / "m.gguf"
+    kill_after(deep, out, layers=1, extra=("--threads", "1"))
+    proc = cli("quantize", str(deep), "--out", str(out), *ARGS, "--threads", "2", "--resume", cwd=tmp_path)
+    assert proc.returncode == 2 and "cannot resume: torch_threads differ(s)" in proc.stderr, proc.stderr
+    assert "torch_threads=1" in proc.stderr
+
+
 def test_resume_without_work_folder_starts_fresh(deep, uninterrupted, tmp_path):
     proc = cli("quantize", str(deep), "--out", str(tmp_path / "m.gguf"), *ARGS, "--resume", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
