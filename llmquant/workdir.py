@@ -71,18 +71,20 @@ class WorkDir:
         """Claim the folder; the point to continue from when ``resume`` finds one."""
         if self.path.exists() and not self.path.is_dir():
             raise LlmquantError(f"{self.path} exists and is not a work folder; remove it")
+        self.path.mkdir(exist_ok=True)
+        self._claim()
         found = self.resumable
         if found and not resume:
+            self.release()
             raise LlmquantError(
                 f"an interrupted run left its work in {self.path}; add --resume to continue it, "
                 "or delete that folder to start over"
             )
-        self.path.mkdir(exist_ok=True)
-        self._claim()
         if found:
             old = json.loads((self.path / FINGERPRINT).read_text())
             changed = sorted(k for k in old.keys() | fp.keys() if old.get(k) != fp.get(k))
             if changed:
+                self.release()
                 raise LlmquantError(
                     f"cannot resume: {', '.join(changed)} differ(s) from the interrupted run in {self.path} "
                     f"(was {', '.join(f'{k}={old.get(k)!r}' for k in changed)}); "

@@ -103,6 +103,25 @@ def test_other_thread_count_refuses_to_resume(deep, tmp_path):
     assert "torch_threads=1" in proc.stderr
 
 
+def test_second_run_on_the_same_output_is_refused(deep, tmp_path):
+    out = tmp_path / "m.gguf"
+    first = subprocess.Popen([sys.executable, "-m", "llmquant.cli", "quantize", str(deep), "--out", str(out), *ARGS],
+                             cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "m.gguf.llmquant-work" / "partial.gguf").exists():
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        proc = cli("quantize", str(deep), "--out", str(out), *ARGS, "--resume", cwd=tmp_path)
+        assert proc.returncode == 2 and "another llmquant run is using" in proc.stderr, proc.stderr
+        assert first.wait(timeout=300) == 0  # the first run is not disturbed
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert out.is_file() and not (tmp_path / "m.gguf.llmquant-work").exists()
+
+
 def test_resume_without_work_folder_starts_fresh(deep, uninterrupted, tmp_path):
     proc = cli("quantize", str(deep), "--out", str(tmp_path / "m.gguf"), *ARGS, "--resume", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
