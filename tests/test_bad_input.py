@@ -314,6 +314,8 @@ def test_ctrl_c_leaves_nothing_behind(smollm2_dir, tmp_path):
         [sys.executable, "-m", "llmquant.cli", "quantize", str(smollm2_dir), "--out", str(out_dir / "m.gguf"),
          "--type", "q8_0"],
         cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # a shell's background job (`cmd &`) runs with SIGINT ignored, which its children inherit
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 240
