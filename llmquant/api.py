@@ -115,7 +115,6 @@ def quantize(
     point = work.open(fingerprint(model_dir, store.files, settings), resume)
     try:
         with GGUFOutput(out, spec.gguf_name, tmp=work.partial) as output:
-            output.keep_partial = True
             add_metadata(output.writer, spec, config, model_dir, type_, meth.name)
             output.declare(list(plan.values()), None if point is None else (point.offset, point.n_written))
             pipe = Pipeline(spec=spec, config=config, store=store, plan=plan, method=meth,

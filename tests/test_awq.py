@@ -41,7 +41,6 @@ def real_layer(smollm2_dir):
     layer = runner.build(0, weights)
     yield runner, layer, spec, hidden
     runner.free(0)
-    store.close()
 
 
 def _state(layer):

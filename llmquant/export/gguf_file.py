@@ -2,9 +2,10 @@
 
 Every tensor is declared from the plan before any weight is read (GGUF puts
 the tensor table in front of the data), then the data is appended tensor by
-tensor as layers finish. The file is written beside the target under a
-temporary name and renamed only when complete and re-read successfully, so
-an error, a full disk or Ctrl-C never leaves a partial file at the target.
+tensor as layers finish. The file is written as a partial file in the run's
+work folder beside the target and renamed only when complete and re-read
+successfully, so an error, a full disk or Ctrl-C never leaves a partial file
+at the target (the work folder keeps or removes it).
 """
 
 from __future__ import annotations
@@ -60,15 +61,14 @@ class GGUFOutput:
     interrupted file from the end of its last finished layer (``resume_at``).
     """
 
-    def __init__(self, out: Path, arch_name: str, tmp: Path | None = None):
+    def __init__(self, out: Path, arch_name: str, tmp: Path):
         self.out = Path(out)
-        self.tmp = Path(tmp) if tmp is not None else self.out.with_name(f".{self.out.name}.tmp-{os.getpid()}")
+        self.tmp = Path(tmp)  # the partial file; its work folder decides whether it outlives a failure
         self.writer = gguf.GGUFWriter(None, arch_name)
         self._fh = None
         self._pending: list[PlannedTensor] = []
         self._n_written = 0
         self._committed = False
-        self.keep_partial = False  # set while a work folder can resume from the partial file
         self.checksum = ""
 
     def __enter__(self) -> GGUFOutput:
@@ -179,8 +179,6 @@ class GGUFOutput:
                     close()
             except Exception:  # closing a half-written file must not hide the real error
                 pass
-        if not self.keep_partial:
-            self.tmp.unlink(missing_ok=True)
 
     def _guard(self, fn) -> None:
         try:

@@ -108,9 +108,6 @@ class WeightStore:
             raise LlmquantError(f"tensor {name} holds NaN or Inf values; refusing to quantize it")
         return t
 
-    def close(self) -> None:
-        """Nothing stays open between reads; kept so callers need not know."""
-
 
 def _read_header(path: Path) -> list[TensorEntry]:
     """Parse and validate one safetensors header without touching the data."""
