@@ -59,6 +59,31 @@ def fingerprint(model_dir: Path, weight_files: list[Path], settings: dict) -> di
     return {"llmquant": __version__, "model": digest.hexdigest(), **settings}
 
 
+def canonical(value):
+    """``value`` as it reads back from JSON: tuples become lists, paths and other objects strings.
+
+    The stored fingerprint went through JSON; comparing it with live settings
+    (tuples, Paths) would make equal settings differ, so both sides are compared
+    in this one form.
+    """
+    return json.loads(json.dumps(value, default=str, sort_keys=True))
+
+
+def fingerprint_changes(old: dict, new: dict) -> list[str]:
+    """Each setting that differs between two fingerprints, as ``key.sub: was X, now Y``."""
+    out: list[str] = []
+
+    def walk(a, b, path: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(a.keys() | b.keys()):
+                walk(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+        elif a != b:
+            out.append(f"{path} was {a!r}, now {b!r}")
+
+    walk(canonical(old), canonical(new), "")
+    return out
+
+
 class WorkDir:
     """The work folder of one output file, locked against a second run."""
 
@@ -81,20 +106,18 @@ class WorkDir:
                 "or delete that folder to start over"
             )
         if found:
-            old = json.loads((self.path / FINGERPRINT).read_text())
-            changed = sorted(k for k in old.keys() | fp.keys() if old.get(k) != fp.get(k))
+            changed = fingerprint_changes(json.loads((self.path / FINGERPRINT).read_text()), fp)
             if changed:
                 self.release()
                 raise LlmquantError(
-                    f"cannot resume: {', '.join(changed)} differ(s) from the interrupted run in {self.path} "
-                    f"(was {', '.join(f'{k}={old.get(k)!r}' for k in changed)}); "
+                    f"cannot resume: {'; '.join(changed)} (the interrupted run in {self.path}); "
                     "run with the same settings, or delete that folder to start over"
                 )
             return self._load()
         for child in self.path.iterdir():  # a run that died before its first layer: nothing to keep
             if child.name != ".lock":
                 child.unlink()
-        _write_json(self.path / FINGERPRINT, fp)
+        _write_json(self.path / FINGERPRINT, canonical(fp))
         return None
 
     def _claim(self) -> None:

@@ -1,30 +1,24 @@
-"""Quantization methods, by name."""
+"""Quantization methods, by name: each Method subclass registers itself with ``method=``."""
 
 from __future__ import annotations
 
 from ..errors import LlmquantError
-from .base import LinearReport, Method
+from . import gptq_method  # noqa: F401  (imported for registration, in the order the CLI lists them)
 
-METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+# isort: split
+from . import awq  # noqa: F401
+from .base import LinearReport, Method, method_registry
+
+METHODS = tuple(method_registry())
 
 
 def make_method(name: str, **options) -> Method:
-    """A fresh method object for one run."""
-    if name == "rtn":
-        return Method()
-    if name == "gptq":
-        from .gptq_method import GPTQMethod
-
-        return GPTQMethod(**options)
-    if name == "awq":
-        from .awq import AWQMethod
-
-        return AWQMethod(**options)
-    if name == "awq+gptq":
-        from .awq import AWQGPTQMethod
-
-        return AWQGPTQMethod(**options)
-    raise LlmquantError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    """A fresh method object for one run; ``options`` are its constructor's keywords."""
+    try:
+        cls = method_registry()[name.lower()]
+    except KeyError:
+        raise LlmquantError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
+    return cls(**options)
 
 
-__all__ = ["LinearReport", "Method", "make_method", "METHODS"]
+__all__ = ["LinearReport", "Method", "make_method", "method_registry", "METHODS"]

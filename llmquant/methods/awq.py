@@ -323,10 +323,9 @@ class _Group:
     extra: dict = field(default_factory=dict)
 
 
-class AWQMethod(Method):
+class AWQMethod(Method, method="awq"):
     """Activation-aware scaling (α search, fold), then clip-searched codes on the file's grid."""
 
-    name = "awq"
     needs_calibration = True
 
     def __init__(self, n_grid: int = 20, clip_ratios=CLIP_RATIOS):
@@ -412,10 +411,9 @@ class AWQMethod(Method):
         self._groups.pop(group, None)
 
 
-class AWQGPTQMethod(AWQMethod):
+class AWQGPTQMethod(AWQMethod, method="awq+gptq"):
     """AWQ's scales, then GPTQ on the scaled weights under H' = diag(1/s) H diag(1/s)."""
 
-    name = "awq+gptq"
 
     def __init__(self, n_grid: int = 20, damp: float = 0.01, act_order: bool = False, scale_search: bool = True,
                  block_cols: int = 128, clip_ratios=CLIP_RATIOS):

@@ -25,11 +25,28 @@ class LinearReport:
     extra: dict = field(default_factory=dict)
 
 
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def method_registry() -> dict[str, type[Method]]:
+    """Every registered method class by its name, in registration order (rtn first)."""
+    return dict(_REGISTRY)
+
+
 class Method:
-    """Round-to-nearest with llama.cpp's reference rule; the base of all methods."""
+    """Round-to-nearest with llama.cpp's reference rule; the base of all methods.
+
+    A subclass registers under ``class X(Method, method="name")``.
+    """
 
     name = "rtn"
     needs_calibration = False
+
+    def __init_subclass__(cls, method: str | None = None, **kw) -> None:
+        super().__init_subclass__(**kw)
+        if method is not None:
+            cls.name = method
+            _REGISTRY[method] = cls
 
     def settings(self) -> dict:
         """The options that decide this method's output (part of a resumable run's fingerprint)."""
@@ -63,3 +80,6 @@ class Method:
 
     def end_group(self, group: str) -> None:
         """Free whatever was gathered for a finished group."""
+
+
+_REGISTRY["rtn"] = Method

@@ -17,8 +17,7 @@ from .base import LinearReport, Method
 from .gptq import GPTQResult, HessianAccumulator, HessianError, gptq_quantize
 
 
-class GPTQMethod(Method):
-    name = "gptq"
+class GPTQMethod(Method, method="gptq"):
     needs_calibration = True
 
     def __init__(self, damp: float = 0.01, act_order: bool = False, scale_search: bool = True, block_cols: int = 128):
