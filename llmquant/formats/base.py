@@ -14,24 +14,33 @@ that fp16 represents exactly (the file stores them as fp16), so
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+if TYPE_CHECKING:
+    from .kquant import SuperGrid
 
 
 @dataclass(frozen=True)
 class QuantBlocks:
     """Codes and per-block grid of one tensor, flattened to blocks.
 
-    codes:  int16 [n_blocks, block_size], each in [qmin, qmax]
-    scales: float32 [n_blocks], fp16-exact
-    mins:   float32 [n_blocks], fp16-exact, or None for symmetric types
+    codes:  int16 [n_blocks, sub_size], each in [qmin, qmax]
+    scales: float32 [n_blocks], fp16-exact (k-quants: the effective d·sc)
+    mins:   float32 [n_blocks], fp16-exact (k-quants: −dmin·m), or None for symmetric types
+    grid:   k-quants only: the stored super-block parameters the flat scales/mins come from
+
+    A "block" here is the unit that shares one scale: a whole ggml block for
+    the legacy types, a 16- or 32-wide sub-block of a 256-wide super-block for
+    the k-quants (``formats.kquant``).
     """
 
     codes: np.ndarray
     scales: np.ndarray
     mins: np.ndarray | None = None
+    grid: SuperGrid | None = None
 
 
 _REGISTRY: dict[str, type[BlockFormat]] = {}
@@ -42,12 +51,18 @@ class BlockFormat:
 
     Subclasses define ``qmin``, ``qmax``, ``has_min`` and implement ``rtn``,
     ``pack`` and ``unpack`` vectorized over all blocks at once.
+
+    Layout: ``block_size`` input columns make one ggml block (``type_size``
+    bytes); ``sub_size`` of them share one scale (and min); a method that
+    walks columns must fix the grid of all ``block_size`` columns of a block
+    at once (a k-quant's sub-scales hang on one super-scale).
     """
 
     qtype: ClassVar[GGMLQuantizationType]
     name: ClassVar[str]
     block_size: ClassVar[int]
     type_size: ClassVar[int]
+    sub_size: ClassVar[int]
     qmin: ClassVar[int]
     qmax: ClassVar[int]
     has_min: ClassVar[bool]
@@ -59,13 +74,15 @@ class BlockFormat:
         cls.qtype = qtype
         cls.name = qtype.name.lower()
         cls.block_size, cls.type_size = GGML_QUANT_SIZES[qtype]
+        if getattr(cls, "sub_size", None) is None:  # k-quants set it (maybe on a shared base)
+            cls.sub_size = cls.block_size
         _REGISTRY[cls.name] = cls
 
     @classmethod
     def rtn(cls, blocks: np.ndarray) -> QuantBlocks:
         """Round-to-nearest exactly as llama.cpp's reference quantizer.
 
-        blocks: float32 [n_blocks, block_size]
+        blocks: float32 [n_blocks, block_size] -> QuantBlocks of n_blocks·block_size/sub_size blocks
         """
         raise NotImplementedError
 
@@ -81,7 +98,7 @@ class BlockFormat:
 
     @classmethod
     def dequantize(cls, q: QuantBlocks) -> np.ndarray:
-        """QuantBlocks -> float32 [n_blocks, block_size], as llama.cpp computes it."""
+        """QuantBlocks -> float32 [n_blocks, sub_size], as llama.cpp computes it."""
         # Same float32 operations, in the same order, as ggml's dequantize_row_*:
         # one rounding for the product, one for the sum (no fused multiply-add).
         w = q.codes.astype(np.float32) * q.scales.astype(np.float32, copy=False)[:, None]

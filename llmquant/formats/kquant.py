@@ -1,0 +1,127 @@
+"""The k-quants' two-level grid: 256-wide super-blocks over 16- or 32-wide sub-blocks.
+
+A k-quant super-block stores one fp16 super-scale ``d`` (and ``dmin`` for the
+types with a min) and, per sub-block, a small integer scale ``sc`` (and
+``m``). llama.cpp dequantizes sub-block ``j`` of super-block ``i`` as
+
+    w = (d_i · sc_ij) · code + (−(dmin_i · m_ij))        (float32, in this order)
+
+so each sub-block has one *effective* float32 scale ``d·sc`` and min
+``−dmin·m``: the flat view. ``QuantBlocks`` of a k-quant carries both: the
+flat view in ``scales``/``mins`` (one per sub-block, what methods score
+against and what ``dequantize`` multiplies with) and the stored integers in
+``grid`` (what ``pack`` writes). ``make`` derives the flat view from the grid,
+so the two can never disagree, and ``check`` refuses blocks where they do.
+
+Layout per type (``sub_size``, code range, sub-scale range, min):
+
+    q2_K  16  [0, 3]     sc, m in [0, 15]   yes
+    q3_K  16  [-4, 3]    sc in [-32, 31]    no    (stored as sc + 32, 6 bits)
+    q4_K  32  [0, 15]    sc, m in [0, 63]   yes
+    q5_K  32  [0, 31]    sc, m in [0, 63]   yes
+    q6_K  16  [-32, 31]  sc in [-128, 127]  no    (int8)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from .base import BlockFormat, QuantBlocks, f16_exact
+
+QK_K = 256
+
+
+@dataclass(frozen=True)
+class SuperGrid:
+    """The stored parameters of ``n`` super-blocks.
+
+    d:    float32 [n], fp16-exact super-scale of the sub-scales
+    sc:   int16 [n, n_sub] integer sub-block scales
+    dmin: float32 [n], fp16-exact super-scale of the sub-mins (None: symmetric type)
+    m:    int16 [n, n_sub] integer sub-block mins (None: symmetric type)
+    """
+
+    d: np.ndarray
+    sc: np.ndarray
+    dmin: np.ndarray | None = None
+    m: np.ndarray | None = None
+
+
+class KQuantFormat(BlockFormat):
+    """Base of q2_K … q6_K. Subclasses set the layout ClassVars and implement
+    ``rtn``, ``pack`` and ``unpack`` (vectorized over all super-blocks)."""
+
+    sub_size: ClassVar[int]
+    sc_min: ClassVar[int]
+    sc_max: ClassVar[int]
+    m_max: ClassVar[int] = 0
+
+    @classmethod
+    def n_sub(cls) -> int:
+        return cls.block_size // cls.sub_size
+
+    @classmethod
+    def flat(cls, grid: SuperGrid) -> tuple[np.ndarray, np.ndarray | None]:
+        """Effective float32 scale and min per sub-block, [n·n_sub] each, as ggml computes them."""
+        scales = (grid.d.astype(np.float32)[:, None] * grid.sc.astype(np.float32)).reshape(-1)
+        if grid.m is None:
+            return scales, None
+        mins = -(grid.dmin.astype(np.float32)[:, None] * grid.m.astype(np.float32)).reshape(-1)
+        return scales, mins
+
+    @classmethod
+    def make(cls, codes: np.ndarray, grid: SuperGrid) -> QuantBlocks:
+        """QuantBlocks from codes (any shape with n·256 elements, super-block major) and a grid."""
+        scales, mins = cls.flat(grid)
+        return QuantBlocks(codes=np.asarray(codes, dtype=np.int16).reshape(-1, cls.sub_size), scales=scales,
+                           mins=mins, grid=grid)
+
+    @classmethod
+    def check(cls, q: QuantBlocks) -> None:
+        g = q.grid
+        if g is None:
+            raise ValueError(f"{cls.name}: blocks carry no super-block grid")
+        ns = cls.n_sub()
+        n = g.d.shape[0]
+        if q.codes.shape != (n * ns, cls.sub_size) or g.sc.shape != (n, ns):
+            raise ValueError(f"{cls.name}: codes must be [n·{ns}, {cls.sub_size}] and sc [n, {ns}]")
+        if q.codes.size and (q.codes.min() < cls.qmin or q.codes.max() > cls.qmax):
+            raise ValueError(f"{cls.name}: codes outside [{cls.qmin}, {cls.qmax}]")
+        if g.sc.size and (g.sc.min() < cls.sc_min or g.sc.max() > cls.sc_max):
+            raise ValueError(f"{cls.name}: sub-scales outside [{cls.sc_min}, {cls.sc_max}]")
+        if (g.m is not None) != cls.has_min or (g.dmin is not None) != cls.has_min:
+            raise ValueError(f"{cls.name}: dmin and m must be {'given' if cls.has_min else 'None'}")
+        supers = (g.d,) if g.dmin is None else (g.d, g.dmin)
+        if any(not np.array_equal(f16_exact(v), v, equal_nan=True) for v in supers):
+            raise ValueError(f"{cls.name}: d/dmin must be exactly representable in fp16")
+        if g.m is not None and (g.m.shape != (n, ns) or g.m.min() < 0 or g.m.max() > cls.m_max):
+            raise ValueError(f"{cls.name}: sub-mins must be [n, {ns}] in [0, {cls.m_max}]")
+        scales, mins = cls.flat(g)
+        if not np.array_equal(scales, q.scales) or (mins is not None and not np.array_equal(mins, q.mins)):
+            raise ValueError(f"{cls.name}: the flat scales/mins are not the grid's d·sc, −dmin·m")
+
+
+def sequential_sum(x: np.ndarray) -> np.ndarray:
+    """Sum over the last axis left to right in float32, as a C ``for`` loop adds.
+
+    numpy's pairwise summation adds in another order, which changes the last
+    bit and so, through a comparison, whole blocks of the reference searches.
+    """
+    acc = np.zeros(x.shape[:-1], dtype=np.float32)
+    for i in range(x.shape[-1]):
+        acc = acc + x[..., i]
+    return acc
+
+
+def nearest_int(x: np.ndarray) -> np.ndarray:
+    """ggml's ``nearest_int``: round half to even of a float32 (the 1.5·2^23 trick), as int32.
+
+    The trick itself, not ``rint``: the two agree for |x| <= 2^22, and past
+    that (or for inf/NaN, e.g. ``x / 0``) C returns the low mantissa bits,
+    which its clamps then turn into codes.
+    """
+    v = np.asarray(x, dtype=np.float32) + np.float32(12582912.0)
+    return (v.view(np.int32) & np.int32(0x007FFFFF)) - np.int32(0x00400000)

@@ -1,0 +1,106 @@
+"""Q6_K: 6-bit signed codes, 16 sub-blocks of 16 sharing an int8 scale.
+
+``rtn`` repeats llama.cpp's ``quantize_row_q6_K_ref`` (no importance matrix)
+and ``quantize_row_q6_K_impl`` (with one) operation for operation, so that a
+round-to-nearest q6_K file is byte-identical with ``llama-quantize``'s: each
+sub-block's scale comes from ``make_qx_quants`` (weighted by ``x²`` or by the
+imatrix column), the 16 scales are mapped onto int8 by the largest one
+(``d = max / -128``), and every weight is re-rounded on the final fp16 grid.
+
+The two paths differ only in the search weights; llama.cpp deliberately
+feeds the imatrix values unscaled to q6_K (its ``sigma2`` weighting is left
+commented out), unlike q3_K.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from .base import QuantBlocks, f16_bytes, f16_exact, f16_from_bytes
+from .kquant import QK_K, KQuantFormat, SuperGrid, nearest_int
+from .qx_search import GROUP_MAX_EPS, as_super_blocks, make_qx_quants, requantize, signed_max
+
+# block_q6_K, 210 bytes:
+#
+#   byte 0                 128          192        208  210
+#        +-----------------+------------+----------+----+
+#        | ql              | qh         | scales   | d  |
+#        +-----------------+------------+----------+----+
+#          128 bytes         64 bytes     16 x int8  fp16
+#
+#   stored value q = code + 32 in [0, 63]; w = (d * scales[j / 16]) * code
+#
+#   element j = 128*h + 32*s + k  (h = 0..1, s = 0..3, k = 0..31), of sub-block j / 16:
+#
+#   low 4 bits of q:
+#                           bit 7    4 3    0
+#                         +--------+--------+
+#      ql[64h + k]      = | s = 2  | s = 0  |
+#      ql[64h + 32 + k] = | s = 3  | s = 1  |
+#                         +--------+--------+
+#
+#   high 2 bits of q:
+#                           bit 7 6   5 4     3 2     1 0
+#                         +-------+-------+-------+-------+
+#      qh[32h + k]      = | s = 3 | s = 2 | s = 1 | s = 0 |
+#                         +-------+-------+-------+-------+
+
+
+class Q6_K(KQuantFormat, qtype=GGMLQuantizationType.Q6_K):
+    sub_size: ClassVar[int] = 16
+    qmin: ClassVar[int] = -32
+    qmax: ClassVar[int] = 31
+    has_min: ClassVar[bool] = False
+    sc_min: ClassVar[int] = -128
+    sc_max: ClassVar[int] = 127
+
+    @classmethod
+    def rtn(cls, blocks: np.ndarray, importance: np.ndarray | None = None) -> QuantBlocks:
+        """blocks: float32 [n, 256]; importance: float32 [n, 256] imatrix of each column, or None.
+
+        -> QuantBlocks of n·16 sub-blocks, byte-identical with ``ggml_quantize_chunk``.
+        """
+        x = as_super_blocks(blocks)
+        n = x.shape[0]
+        qw = None if importance is None else as_super_blocks(importance).reshape(n * 16, 16)
+        codes, scales = make_qx_quants(x.reshape(n * 16, 16), 32, qw)
+        scales = scales.reshape(n, 16)
+        max_abs, max_scale = signed_max(scales)
+        empty = max_abs < GROUP_MAX_EPS  # C: memset(0) of the whole block
+        iscale = (np.float32(-128) / np.where(empty, np.float32(1), max_scale)).astype(np.float32)
+        d = np.where(empty, np.float32(0), f16_exact(np.float32(1) / iscale)).astype(np.float32)
+        with np.errstate(invalid="ignore"):
+            # C: int8 field = MIN(127, nearest_int(...)), no lower clamp
+            sc = np.minimum(127, nearest_int(iscale[:, None] * scales)).astype(np.int8).astype(np.int16)
+        sc[empty] = 0
+        codes = requantize(x, codes, d, sc, cls.qmin, cls.qmax)
+        codes.reshape(n, QK_K)[empty] = cls.qmin
+        return cls.make(codes, SuperGrid(d=d, sc=sc))
+
+    @classmethod
+    def pack(cls, q: QuantBlocks) -> np.ndarray:
+        cls.check(q)
+        g = q.grid
+        n = g.d.shape[0]
+        u = (q.codes.reshape(n, 2, 4, 32) + 32).astype(np.uint8)  # [n, h, s, k]
+        lo = u & np.uint8(0x0F)
+        ql = (lo[:, :, :2] | (lo[:, :, 2:] << np.uint8(4))).reshape(n, 128)
+        shift = (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1)
+        qh = np.bitwise_or.reduce((u >> np.uint8(4)) << shift, axis=2).reshape(n, 64)
+        sc = g.sc.astype(np.int8).view(np.uint8)
+        return np.concatenate([ql, qh, sc, f16_bytes(g.d)], axis=1)
+
+    @classmethod
+    def unpack(cls, data: np.ndarray) -> QuantBlocks:
+        u8 = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, cls.type_size)
+        n = u8.shape[0]
+        ql = u8[:, :128].reshape(n, 2, 2, 32)  # [n, h, s & 1, k]
+        lo = np.concatenate([ql & np.uint8(0x0F), ql >> np.uint8(4)], axis=2)  # [n, h, s, k]
+        shift = (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1)
+        hi = (u8[:, 128:192].reshape(n, 2, 1, 32) >> shift) & np.uint8(3)
+        codes = (lo.astype(np.int16) | (hi.astype(np.int16) << 4)).reshape(n, QK_K) - 32
+        sc = np.ascontiguousarray(u8[:, 192:208]).view(np.int8).astype(np.int16)
+        return cls.make(codes, SuperGrid(d=f16_from_bytes(u8[:, 208:210]), sc=sc))
