@@ -18,14 +18,25 @@ from .loading.source import read_config, resolve_model
 from .loading.weights import WeightStore
 from .methods import METHODS, Method, make_method
 from .pipeline import Pipeline
-from .policy import ALL_TYPES, choose_type
+from .policy import ModelFacts, Recipe, choose_type, get_recipe
 from .report import QuantReport, peak_rss_mib
 from .workdir import WorkDir, fingerprint
 
 
-def plan_tensors(spec: ArchSpec, config: dict, store: WeightStore, base: str, pure: bool) -> dict[str, PlannedTensor]:
+def model_facts(spec: ArchSpec, config: dict) -> ModelFacts:
+    """The model-level facts llama.cpp's recipes read (layer count, GQA ratio, its 70B type)."""
+    n_layers = config_int(config, "num_hidden_layers")
+    heads = config_int(config, "num_attention_heads")
+    kv = config_int(config, "num_key_value_heads", heads)
+    # llama.cpp: an 80-layer llama with grouped kv heads, or any 80-layer qwen2, is LLM_TYPE_70B
+    is_70b = n_layers == 80 and (spec.gguf_name != "llama" or heads != kv)
+    return ModelFacts(n_layers=n_layers, n_gqa=heads // kv if heads % kv == 0 else 1, is_70b=is_70b)
+
+
+def plan_tensors(spec: ArchSpec, config: dict, store: WeightStore, recipe: Recipe, pure: bool) -> dict[str, PlannedTensor]:
     """Every output tensor in file order, keyed by its HF name, checked against the config."""
     n_layers = config_int(config, "num_hidden_layers")
+    facts = model_facts(spec, config)
     vocab, hidden = config_int(config, "vocab_size"), config_int(config, "hidden_size")
     has_head = spec.head in store and not config.get("tie_word_embeddings", False)
     layer_shapes = spec.layer_shapes(config) if spec.layer_shapes else {}
@@ -54,8 +65,9 @@ def plan_tensors(spec: ArchSpec, config: dict, store: WeightStore, base: str, pu
         if n in expected and shape != expected[n]:
             raise LlmquantError(f"{n} has shape {list(shape)} but config.json implies {list(expected[n])}")
         is_head = n == spec.head or (n == spec.embed and not has_head)
-        choice = choose_type(n, shape, base, pure=pure, is_head=is_head)
-        plan[n] = PlannedTensor(spec.gguf_tensor_name(n, n_layers), shape, choice.ggml_type, choice.note)
+        gguf_name = spec.gguf_tensor_name(n, n_layers)
+        choice = choose_type(gguf_name, shape, recipe, facts, pure=pure, is_head=is_head)
+        plan[n] = PlannedTensor(gguf_name, shape, choice.ggml_type, choice.note)
     return plan
 
 
@@ -75,16 +87,16 @@ def quantize(
     """Quantize a Hugging Face causal LM into a GGUF file that llama.cpp runs.
 
     model: hub id, local folder, or None for the default SmolLM2-135M-Instruct.
-    type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1.
+    type: a ggml type (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_K … q6_K) or one
+        of llama.cpp's file types (Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M), any case.
     method: rtn (byte-identical to llama.cpp's quantizer), gptq, or a Method object.
     pure: every 2-D weight in ``type`` (else llama.cpp's per-tensor policy).
     resume: continue the interrupted run whose work folder (``<out>.llmquant-work``)
         is beside ``out``; the result is byte-identical to an uninterrupted run.
     """
     t0 = time.perf_counter()
-    type_ = type.lower()
-    if type_ not in ALL_TYPES:
-        raise LlmquantError(f"unknown type {type!r}; choose one of {', '.join(ALL_TYPES)}")
+    recipe = get_recipe(type)
+    type_ = recipe.name
     if isinstance(method, str) and method not in METHODS:
         raise LlmquantError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if threads:
@@ -96,7 +108,7 @@ def quantize(
     check_tokenizer_files(model_dir)
     check_output_path(out, model_dir)
     store = WeightStore(model_dir)
-    plan = plan_tensors(spec, config, store, type_, pure)
+    plan = plan_tensors(spec, config, store, recipe, pure)
     meth = method if isinstance(method, Method) else make_method(method, **(method_options or {}))
     calib = calibration or CalibrationConfig()
     tokens = runner = None
@@ -115,7 +127,7 @@ def quantize(
     point = work.open(fingerprint(model_dir, store.files, settings), resume)
     try:
         with GGUFOutput(out, spec.gguf_name, tmp=work.partial) as output:
-            add_metadata(output.writer, spec, config, model_dir, type_, meth.name)
+            add_metadata(output.writer, spec, config, model_dir, recipe, meth.name)
             output.declare(list(plan.values()), None if point is None else (point.offset, point.n_written))
             pipe = Pipeline(spec=spec, config=config, store=store, plan=plan, method=meth,
                             output=output, runner=runner, progress=progress)

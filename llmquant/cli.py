@@ -18,7 +18,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="hub id (org/name) or local folder; default: SmolLM2-135M-Instruct shipped offline")
     p.add_argument("--out", "-o", required=True, type=Path, help="output .gguf file")
-    p.add_argument("--type", "-t", default="q4_0", help=f"ggml type: {', '.join(ALL_TYPES)} (default q4_0)")
+    p.add_argument("--type", "-t", default="q4_0", help="ggml type or llama.cpp file type: " + ", ".join(t if "_k" not in t else t.upper() for t in ALL_TYPES)
+                   + " (any case; default q4_0)")
     p.add_argument("--method", "-m", default="rtn", help=f"quantization method: {', '.join(METHODS)} (default rtn)")
     p.add_argument("--pure", action="store_true", help="every 2-D weight in --type (no llama.cpp per-tensor policy)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")

@@ -7,17 +7,17 @@ from pathlib import Path
 import gguf
 
 from .. import __version__
-from ..policy import FILE_TYPES
+from ..policy import Recipe
 from .arch import ArchSpec
 from .tokenizer import add_tokenizer
 
 
-def add_metadata(writer: gguf.GGUFWriter, spec: ArchSpec, config: dict, model_dir: Path, base_type: str, method: str) -> None:
+def add_metadata(writer: gguf.GGUFWriter, spec: ArchSpec, config: dict, model_dir: Path, recipe: Recipe, method: str) -> None:
     name = str(config.get("_name_or_path") or model_dir.name).rstrip("/").split("/")[-1] or model_dir.name
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
     writer.add_quantized_by(f"llmquant {__version__} ({method})")
     spec.write_hparams(writer, config)
-    writer.add_file_type(int(FILE_TYPES[base_type]))
+    writer.add_file_type(int(recipe.file_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_tokenizer(writer, model_dir, int(config["vocab_size"]))
