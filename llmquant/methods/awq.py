@@ -60,6 +60,13 @@ file holds and ``fmt.dequantize`` of them is what the pipeline writes back.
 On SmolLM2 (layer 6, q4_0) this cuts the output error to 0.57x of RTN's,
 against 0.62x for GPTQ's diag(H)-weighted scale search without GPTQ.
 
+K-quants (``awq``): a super-block's sub-scales hang on one fp16 ``d``, so
+the per-block clip candidates do not apply; the codes come from llama.cpp's own
+importance-weighted super-block search with diag(G'), the scaled inputs' mean
+x² per column, as the importance (what ``llama-quantize --imatrix`` does with
+an imatrix). A quantized smooth linear in a k-quant keeps its integer
+sub-scales; its super-blocks' ``d`` and ``dmin`` are divided by s.
+
 ``awq+gptq``: GPTQ (with its block-scale search) on the scaled weights under
 ``H' = diag(1/s) H diag(1/s)``, exactly the Hessian of the scaled inputs, so
 no second calibration pass is needed.
@@ -76,17 +83,20 @@ import torch
 from torch import nn
 
 from ..formats import BlockFormat, QuantBlocks
+from ..formats.kquant import KQuantFormat, SuperGrid
 from .base import LinearReport, Method
 from .gptq import (
     GROUP,
     HessianAccumulator,
     HessianError,
+    _blocks,
     _codes,
     _dequant,
     _f16,
     _quant_blocks,
     gptq_quantize,
     lstsq_grid,
+    super_grid,
 )
 
 CLIP_RATIOS = tuple(1 - 0.025 * i for i in range(13))  # 1.0 … 0.7 (every other one for types with a min)
@@ -127,10 +137,17 @@ def channel_map(layer: nn.Module, members: list[str], smooth: str | None) -> tor
     return (j // hd // g) * hd + j % hd
 
 
+def _fp16_fields(q: QuantBlocks) -> list[np.ndarray]:
+    """The fp16 numbers a row's grid is stored in: block scales (and mins), or a k-quant's d (and dmin)."""
+    if q.grid is not None:
+        return [q.grid.d] + ([] if q.grid.dmin is None else [q.grid.dmin])
+    return [q.scales] + ([] if q.mins is None else [q.mins])
+
+
 def rescale_bounds(q: QuantBlocks, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of a quantized linear, the range [lo, hi] of s for which every block's
     scale (and min) divided by s stays a normal fp16 number (full precision)."""
-    vals = [q.scales.reshape(rows, -1)] + ([] if q.mins is None else [q.mins.reshape(rows, -1)])
+    vals = [v.reshape(rows, -1) for v in _fp16_fields(q)]
     v = torch.from_numpy(np.abs(np.concatenate(vals, axis=1)).astype(np.float32))
     hi = torch.where(v >= F16_MIN_NORMAL, v, torch.inf).amin(1) / F16_MIN_NORMAL  # (values already
     lo = v.amax(1) / F16_SAFE_MAX  # subnormal, e.g. a min near 0, do not bind)
@@ -142,7 +159,8 @@ def rescale_rows(q: QuantBlocks, s: torch.Tensor) -> QuantBlocks:
 
     Exact when s is a power of two; otherwise every dequantized weight moves
     by at most one fp16 rounding of its block's scale and min (relative 2^-11),
-    far below the quantization error itself.
+    far below the quantization error itself. A k-quant row keeps its integer
+    sub-scales: its super-blocks' d and dmin are divided.
     """
     rows = s.shape[0]
     f = (1.0 / s.to(torch.float64)).numpy()[:, None]
@@ -151,6 +169,11 @@ def rescale_rows(q: QuantBlocks, s: torch.Tensor) -> QuantBlocks:
         out = (v.reshape(rows, -1).astype(np.float64) * f).astype(np.float32).reshape(-1)
         return _f16(torch.from_numpy(out)).numpy()
 
+    if q.grid is not None:
+        g = q.grid
+        grid = SuperGrid(d=div(g.d), sc=g.sc, dmin=None if g.dmin is None else div(g.dmin), m=g.m)
+        scales, mins = KQuantFormat.flat(grid)
+        return QuantBlocks(codes=q.codes, scales=scales, mins=mins, grid=grid)
     return QuantBlocks(codes=q.codes, scales=div(q.scales), mins=None if q.mins is None else div(q.mins))
 
 
@@ -310,6 +333,20 @@ def clip_search(W: torch.Tensor, G: torch.Tensor, fmt: type[BlockFormat], ratios
     return _quant_blocks(codes.reshape(co, ci), d, m), stats
 
 
+def grid_codes(W: torch.Tensor, G: torch.Tensor, fmt: type[BlockFormat], ratios=CLIP_RATIOS) -> tuple[QuantBlocks, dict]:
+    """AWQ's codes for W [co, ci] under the (scaled) inputs' Gram matrix G [ci, ci].
+
+    Legacy types: the clip search. K-quants: llama.cpp's importance-weighted
+    super-block search with diag(G) as the importance (its imatrix is the same
+    mean of x² per input column).
+    """
+    if fmt.block_size == fmt.sub_size:
+        return clip_search(W, G, fmt, ratios)
+    co, ci = W.shape
+    h = G.diagonal().to(torch.float32).reshape(-1, fmt.block_size).repeat(co, 1)
+    return super_grid(_blocks(W.to(torch.float32), fmt.block_size), h, fmt), {}
+
+
 # --------------------------------------------------------------------------- the method
 
 
@@ -388,11 +425,11 @@ class AWQMethod(Method, method="awq"):
         return revised
 
     def _codes_for(self, W: torch.Tensor, st: _Group, fmt: type[BlockFormat]) -> tuple[QuantBlocks, dict]:
-        return clip_search(W, st.G, fmt, self.clip_ratios)
+        return grid_codes(W, st.G, fmt, self.clip_ratios)
 
     def quantize(self, name, group, W, fmt):
         st = self._groups.get(group) if group else None
-        if st is None or st.G is None or fmt.block_size != GROUP:
+        if st is None or st.G is None:
             return super().quantize(name, group, W, fmt)
         t0 = time.perf_counter()
         W = W.to(torch.float32)
@@ -426,7 +463,7 @@ class AWQGPTQMethod(AWQMethod, method="awq+gptq"):
                                 block_cols=self.block_cols, scale_search=self.scale_search)
         except HessianError as exc:
             warnings.warn(f"{exc}; AWQ clip search instead of GPTQ", stacklevel=3)
-            q, stats = clip_search(W, st.G, fmt, self.clip_ratios)
+            q, stats = grid_codes(W, st.G, fmt, self.clip_ratios)
             return q, {**stats, "fallback": str(exc)}
         return res.q, {"damp": res.damp, "dead_columns": res.n_dead}
 

@@ -9,14 +9,17 @@ Columns are quantized one at a time; each column's rounding error ``Err`` is
 pushed onto the columns not yet quantized through the upper Cholesky factor
 ``Hinv`` of H⁻¹ (the OBS update), in lazy batches of ``block_cols`` columns.
 
-The grid is the file's grid: a ggml block is 32 consecutive input columns of
-one row and has one fp16 scale (and min). Each block's grid is fixed when the
-column walk enters the block, from the block's *current* (error-updated)
-weights, and every code is the nearest one on that fp16 grid, so the codes
-returned are exactly what ``fmt.pack`` writes and llama.cpp reads back. With
-``act_order`` the walk visits columns by decreasing ``diag(H)`` and the grids
-are chosen upfront from the original W ("static groups"), so a block whose
-columns are visited out of order still has one scale.
+The grid is the file's grid: a ggml block is ``fmt.block_size`` consecutive
+input columns of one row (32 for the legacy types, a 256-wide super-block for
+the k-quants), whose ``fmt.sub_size``-wide sub-blocks each have one effective
+scale (and min). A block's whole grid is fixed when the column walk enters
+it, from the block's *current* (error-updated) weights (a k-quant's
+sub-scales hang on one fp16 super-scale, so they cannot be chosen one
+sub-block at a time), and every code is the nearest one on that grid, so the
+codes returned are exactly what ``fmt.pack`` writes and llama.cpp reads back.
+With ``act_order`` the walk visits columns by decreasing ``diag(H)`` and the
+grids are chosen upfront from the original W ("static groups"), so a block
+whose columns are visited out of order still has one grid.
 
 Scale search: llama.cpp's rule (q4_0: d = max/-8) wastes the grid; instead
 candidate grids per block (the block's extreme at either end of the code range
@@ -25,7 +28,10 @@ plus two rounds of weighted least-squares refits), each fp16-rounded, are
 scored and the one with the least ``Σ_j H[j,j]·(w_j - q_j)²`` over the block
 wins (or, with ``search_loss="gptq"``, the least GPTQ loss of walking the
 block's 32 columns with it), all rows at once. llama.cpp's own grid is always
-among the candidates. Everything runs on the CPU.
+among the candidates. K-quants: the super-block's grid is llama.cpp's own
+importance-weighted search (the path ``llama-quantize --imatrix`` takes) with
+diag(H) of the block's columns as the importance, on the current weights.
+Everything runs on the CPU.
 """
 
 from __future__ import annotations
@@ -37,8 +43,9 @@ import numpy as np
 import torch
 
 from ..formats.base import BlockFormat, QuantBlocks
+from ..formats.kquant import SuperGrid
 
-GROUP = 32  # ggml block width of every type this module serves
+GROUP = 32  # block width of the legacy types, whose per-block grids the candidate search below serves
 _SCALE_STEPS = torch.linspace(0.70, 1.10, 21)  # d·s candidates, 1.0 included
 _SHRINK_STEPS = torch.tensor([0.0, 0.02, 0.04, 0.07, 0.10, 0.14])  # range trimmed per side (has_min)
 _REFITS = 2
@@ -256,11 +263,11 @@ def _one_thread():
         torch.set_num_threads(n)
 
 
-def _blocks(W: torch.Tensor) -> torch.Tensor:
-    """W [co, ci] -> [co * ci/32, 32], the ggml block order (row-major)."""
-    if W.shape[-1] % GROUP:
-        raise ValueError(f"input width {W.shape[-1]} is not a multiple of {GROUP}")
-    return W.reshape(-1, GROUP)
+def _blocks(W: torch.Tensor, n: int = GROUP) -> torch.Tensor:
+    """W [co, ci] -> [co * ci/n, n], the ggml block order (row-major)."""
+    if W.shape[-1] % n:
+        raise ValueError(f"input width {W.shape[-1]} is not a multiple of {n}")
+    return W.reshape(-1, n)
 
 
 def _quant_blocks(codes, d, m) -> QuantBlocks:
@@ -325,8 +332,16 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
     raise HessianError(f"Hessian not positive definite even with damping {damp:g}")
 
 
+def super_grid(w: torch.Tensor, h: torch.Tensor | None, fmt: type[BlockFormat]) -> QuantBlocks:
+    """A k-quant grid for the super-blocks w [n, 256]: llama.cpp's own search, weighted by
+    h ([256] or [n, 256], e.g. diag(H) of their columns) as its imatrix path weighs columns
+    (h None: its plain rule). The codes returned are the search's; GPTQ replaces them."""
+    imp = None if h is None else np.ascontiguousarray(h.to(torch.float32).expand_as(w).numpy())
+    return fmt.rtn(np.ascontiguousarray(w.to(torch.float32).numpy()), importance=imp)
+
+
 def _block_grid(w, h, U, fmt, scale_search: bool, search_loss: str):
-    """Grid of one ggml block column range at the moment GPTQ enters it: d, m [co].
+    """Grid of one ggml block column range at the moment GPTQ enters it: d, m [co] (legacy types).
 
     w: [co, 32] current weights; h: [32] diag(H); U: [32, 32] block of Hinv.
     """
@@ -344,12 +359,14 @@ def _walk(W, Hinv, fmt, S, M, block_cols, col_block=None, choose=None):
     """The GPTQ column walk, in place on W [co, ci] (visiting order): codes [co, ci].
 
     Hinv [ci, ci]: upper Cholesky factor of H⁻¹ (visiting order). S, M
-    [co, ci/32]: per-block grids. Static groups: col_block [ci] names the
-    ggml block of each visited column and S, M are given. Otherwise columns
-    are in natural order and ``choose(w [co, 32], j, U [32, 32]) -> d, m``
-    fills S, M as the walk enters each block.
+    [co, ci/sub]: the effective scale (and min) of every sub-block. Static
+    groups: col_block [ci] names the sub-block of each visited column and S, M
+    are given. Otherwise columns are in natural order and
+    ``choose(w [co, gw], j, U [gw, gw]) -> d, m [co, gw/sub]`` fills S, M as the
+    walk enters each ggml block (gw = fmt.block_size columns).
     """
     co, ci = W.shape
+    gw, sub = fmt.block_size, fmt.sub_size
     Q = torch.zeros(co, ci)
     for i1 in range(0, ci, block_cols):
         i2 = min(i1 + block_cols, ci)
@@ -359,12 +376,13 @@ def _walk(W, Hinv, fmt, S, M, block_cols, col_block=None, choose=None):
         with _one_thread():
             for i in range(i2 - i1):
                 j = i1 + i
-                b = j // GROUP if col_block is None else col_block[j]
-                if col_block is None and j % GROUP == 0:  # entering a block: fix its grid now
-                    g = slice(i, i + GROUP)
-                    S[:, b], m_b = choose(W1[:, g], j, Hinv1[g, g])
+                b = j // sub if col_block is None else col_block[j]
+                if col_block is None and j % gw == 0:  # entering a block: fix its whole grid now
+                    g = slice(i, i + gw)
+                    d_b, m_b = choose(W1[:, g], j, Hinv1[g, g])
+                    S[:, b : b + gw // sub] = d_b
                     if M is not None:
-                        M[:, b] = m_b
+                        M[:, b : b + gw // sub] = m_b
                 d, m = S[:, b], None if M is None else M[:, b]
                 w = W1[:, i]
                 c = _codes(w[:, None], d, m, fmt)[:, 0]
@@ -373,6 +391,24 @@ def _walk(W, Hinv, fmt, S, M, block_cols, col_block=None, choose=None):
                 Q[:, j] = c
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     return Q
+
+
+def _assemble(Q: torch.Tensor, pieces: list[QuantBlocks], fmt: type[BlockFormat], upfront: bool) -> QuantBlocks:
+    """GPTQ's codes Q [co, ci] on k-quant grids -> QuantBlocks in ggml order.
+
+    pieces: one grid for the whole tensor (static groups, ``upfront``), or the
+    grids of each 256-column range in walk order ([co] super-blocks each).
+    """
+    co = Q.shape[0]
+    if upfront:
+        grid = pieces[0].grid
+    else:
+        def cat(get):  # [co, nsb, ...] -> [co·nsb, ...]: row r, super-block s at r·nsb + s
+            parts = [get(p.grid) for p in pieces]
+            return None if parts[0] is None else np.stack(parts, axis=1).reshape(co * len(parts), *parts[0].shape[1:])
+
+        grid = SuperGrid(d=cat(lambda g: g.d), sc=cat(lambda g: g.sc), dmin=cat(lambda g: g.dmin), m=cat(lambda g: g.m))
+    return fmt.make(Q.to(torch.int16).numpy(), grid)
 
 
 def _rel_err(W: torch.Tensor, H: torch.Tensor, *W_hats: torch.Tensor) -> list[float]:
@@ -395,12 +431,13 @@ def gptq_quantize(
     scale_search: bool = True,
     search_loss: str = "hdiag",
 ) -> GPTQResult:
-    """GPTQ of ``W [co, ci]`` under ``H [ci, ci]`` (2/n·XᵀX) onto fmt's 32-wide blocks.
+    """GPTQ of ``W [co, ci]`` under ``H [ci, ci]`` (2/n·XᵀX) onto fmt's blocks.
 
     scale_search: choose each block's grid among candidates (else llama.cpp's
     rule); search_loss: "hdiag" ranks them by Σ H[j,j]·(w_j - q_j)², "gptq" by
     the GPTQ loss of walking the block's 32 columns with each candidate
-    (a few % lower error, 2-4x slower).
+    (legacy types only). block_cols is raised to the format's block width where it
+    is narrower (a k-quant's 256 columns).
     Dead columns (H[i,i] == 0, never active in calibration) get H[i,i] = 1:
     nothing of theirs is propagated, and unlike the reference they keep their
     weights (quantized to nearest) rather than being zeroed, so the layer still
@@ -408,8 +445,10 @@ def gptq_quantize(
     Raises HessianError if H is all zero or non-finite, or stays indefinite.
     """
     co, ci = W.shape
-    if ci % GROUP or block_cols % GROUP:
-        raise ValueError(f"ci ({ci}) and block_cols ({block_cols}) must be multiples of {GROUP}")
+    gw, sub = fmt.block_size, fmt.sub_size
+    block_cols = max(block_cols, gw)
+    if ci % gw or block_cols % gw:
+        raise ValueError(f"ci ({ci}) and block_cols ({block_cols}) must be multiples of {gw}")
     if search_loss not in ("hdiag", "gptq"):
         raise ValueError(f"search_loss must be 'hdiag' or 'gptq', not {search_loss!r}")
     if not torch.isfinite(H).all():
@@ -422,30 +461,42 @@ def gptq_quantize(
         raise HessianError("Hessian is all zero (no calibration signal for this layer)")
     H.diagonal()[dead] = 1.0
     hdiag = H.diagonal().to(torch.float32)
-    nb = ci // GROUP
+    nb = ci // sub
+    two_level = gw != sub  # k-quants: a super-block's grid is chosen whole, and packed from its SuperGrid
+    pieces: list[QuantBlocks] = []  # k-quants: the grid of each block column range, in walk order
 
     perm = col_block = None
     S = torch.zeros(co, nb)
     M = torch.zeros(co, nb) if fmt.has_min else None
     if act_order:  # static groups: every block's grid from the original W
         perm = torch.argsort(hdiag, descending=True, stable=True)
-        qb = rtn_search(W0, fmt, hdiag) if scale_search else fmt.rtn(_blocks(W0).numpy())
+        if two_level:
+            qb = super_grid(_blocks(W0, gw), hdiag.reshape(-1, gw).repeat(co, 1) if scale_search else None, fmt)
+            pieces = [qb]
+        else:
+            qb = rtn_search(W0, fmt, hdiag) if scale_search else fmt.rtn(_blocks(W0).numpy())
         S = torch.from_numpy(qb.scales).reshape(co, nb)
         M = None if qb.mins is None else torch.from_numpy(qb.mins).reshape(co, nb)
-        col_block = (perm // GROUP).tolist()
+        col_block = (perm // sub).tolist()
         H = H[perm][:, perm]
     Hinv, damp = _inverse_cholesky(H, damp)
     W = W0.clone() if perm is None else W0[:, perm]
 
-    def choose(w, j, U):  # w [co, 32]: block at natural column j, as the walk finds it
-        return _block_grid(w, hdiag[j : j + GROUP], U, fmt, scale_search, search_loss)
+    def choose(w, j, U):  # w [co, gw]: block at natural column j, as the walk finds it
+        if two_level:
+            qb = super_grid(w, hdiag[j : j + gw] if scale_search else None, fmt)
+            pieces.append(qb)
+            return (torch.from_numpy(qb.scales).reshape(co, -1),
+                    None if qb.mins is None else torch.from_numpy(qb.mins).reshape(co, -1))
+        d, m = _block_grid(w, hdiag[j : j + gw], U, fmt, scale_search, search_loss)
+        return d[:, None], None if m is None else m[:, None]
 
     Q = _walk(W, Hinv.to(torch.float32), fmt, S, M, block_cols, col_block, None if act_order else choose)
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
-    q = _quant_blocks(Q, S, M)
+    q = _assemble(Q, pieces, fmt, act_order) if two_level else _quant_blocks(Q, S, M)
     W_hat = torch.from_numpy(fmt.dequantize(q)).reshape(co, ci)
-    W_rtn = torch.from_numpy(fmt.dequantize(fmt.rtn(_blocks(W0).numpy()))).reshape(co, ci)
+    W_rtn = torch.from_numpy(fmt.dequantize(fmt.rtn(_blocks(W0, gw).numpy()))).reshape(co, ci)
     rel, rel_rtn = _rel_err(W0, H0, W_hat, W_rtn)
     return GPTQResult(q=q, W_hat=W_hat, rel_err=rel, rel_err_rtn=rel_rtn, damp=damp, n_dead=int(dead.sum()))
 
