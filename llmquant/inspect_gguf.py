@@ -162,4 +162,40 @@ def describe(path: str | Path) -> str:
         + ", ".join(f"{k} x{v}" for k, v in sorted(count.items()))
         + f"), {elems / 1e6:.1f}M weights, {8 * nbytes / max(elems, 1):.3f} bits per weight"
     )
+    lines += _fallbacks(reader)
     return "\n".join(lines)
+
+
+def _field_int(reader: gguf.GGUFReader, key: str) -> int | None:
+    f = reader.fields.get(key)
+    try:
+        return int(f.parts[f.data[0]][0]) if f is not None and f.data else None
+    except (IndexError, TypeError, ValueError):
+        return None
+
+
+def _fallbacks(reader: gguf.GGUFReader) -> list[str]:
+    """Which tensors took a fallback type of the file's llama.cpp recipe (llama.cpp says nothing)."""
+    from .policy import RECIPES, ModelFacts, choose_type
+
+    arch = next((str(bytes(f.parts[-1]), "utf-8") for k, f in reader.fields.items() if k == "general.architecture"), "")
+    ftype = _field_int(reader, "general.file_type")
+    recipe = next((r for r in RECIPES.values() if int(r.file_type) == ftype), None)
+    n_layers = _field_int(reader, f"{arch}.block_count")
+    if recipe is None or not n_layers:
+        return []
+    heads, kv = _field_int(reader, f"{arch}.attention.head_count"), _field_int(reader, f"{arch}.attention.head_count_kv")
+    gqa = heads // kv if heads and kv and heads % kv == 0 else 1
+    facts = ModelFacts(n_layers=n_layers, n_gqa=gqa)
+    names = {t.name for t in reader.tensors}
+    fell = Counter()
+    for t in reader.tensors:
+        is_head = t.name == "output.weight" or (t.name == "token_embd.weight" and "output.weight" not in names)
+        choice = choose_type(t.name, tuple(int(x) for x in reversed(t.shape)), recipe, facts, pure=False,
+                             is_head=is_head)
+        if choice.note and choice.ggml_type == t.tensor_type.name.lower():
+            fell[choice.note.split(":")[0]] += 1
+    if not fell:
+        return [f"  no tensor fell back from the {recipe.name.upper()} recipe's types"]
+    return [f"  fell back (row not a multiple of the type's block): "
+            + ", ".join(f"{k} x{v}" for k, v in sorted(fell.items()))]

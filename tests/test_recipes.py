@@ -124,3 +124,16 @@ def test_rtn_file_is_byte_identical_to_llama_cpp_and_runs(recipe, deep_k, tmp_pa
     assert report.file_size == ours.stat().st_size
     assert gguf.GGUFReader(ours).fields["general.file_type"].parts[-1][0] == int(RECIPES[recipe].file_type)
     assert generate(ours, "The capital of France is", max_tokens=4)  # loads and runs in llama.cpp
+    # inspect names the same fallbacks the run noted (llama.cpp's own file: the same again)
+    from collections import Counter
+
+    from llmquant.inspect_gguf import describe
+
+    noted = Counter(t.note.split(":")[0] for t in report.tensors if t.note)
+    for path in (ours, theirs):
+        line = [ln for ln in describe(path).splitlines() if "fell back" in ln]
+        if noted:
+            assert line == ["  fell back (row not a multiple of the type's block): "
+                            + ", ".join(f"{k} x{v}" for k, v in sorted(noted.items()))]
+        else:
+            assert line == [f"  no tensor fell back from the {recipe.upper()} recipe's types"]
