@@ -1,10 +1,12 @@
 """Benchmark llmquant's methods against llama.cpp's own quantizer, in one command.
 
-    python scripts/benchmark.py [--model M] [--types q4_0,q8_0] [--methods rtn,gptq]
-                                [--ctx 512] [--windows N] [--out-dir bench-out] [--subset]
+    python scripts/benchmark.py [--model M] [--types q4_0,q8_0,Q4_K_M] [--methods rtn,gptq]
+                                [--ctx 512] [--windows N] [--out-dir bench-out] [--subset] [--no-imatrix]
 
 Writes an f32 reference GGUF with llmquant, quantizes it per type with
-llama.cpp (default policy) and the model with every llmquant method, runs
+llama.cpp (default policy), with llama.cpp after an importance matrix
+(``llama-imatrix`` on llmquant's own calibration windows, then
+``llama-quantize --imatrix``), and the model with every llmquant method, runs
 each quantization in a child process (time and peak RSS are per file),
 evaluates every file against the f32 file on the same held-out tokens, and
 writes a markdown table, results.json and kld_vs_bpw.png. See docs/benchmarks.md.
@@ -19,6 +21,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,8 +30,14 @@ from llmquant.eval.perplexity import evaluate
 from llmquant.methods import make_method
 from llmquant.text import default_text
 
-FTYPES = {"q4_0": 2, "q4_1": 3, "q5_0": 8, "q5_1": 9, "q8_0": 7}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
+# llama.cpp's LLAMA_FTYPE_MOSTLY_* (vendor/llama.cpp/include/llama.h of llama-cpp-python 0.3.36);
+# k-quant recipes keep llama-quantize's spelling, and --types takes any case.
+FTYPES = {"q4_0": 2, "q4_1": 3, "q5_0": 8, "q5_1": 9, "q8_0": 7,
+          "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15,
+          "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18}
+LEGACY_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")  # the default --types
 LLAMA_CPP = "llama.cpp"
+LLAMA_CPP_IMATRIX = "llama.cpp+imatrix"  # llama-imatrix, then llama-quantize --imatrix
 REFERENCE = "reference"  # the f32 file's "method"
 KEY_FIELDS = ("type", "method", "model", "ctx", "windows", "calib")
 
@@ -62,7 +71,8 @@ print(json.dumps({"seconds": seconds, "peak_mib": peak_rss_mib()}))
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="llmquant vs llama.cpp: size, perplexity, KLD, time, memory")
     p.add_argument("--model", default=None, help="hub id or HF folder (default: the built-in SmolLM2-135M-Instruct)")
-    p.add_argument("--types", default=None, help="comma-separated: " + ",".join(FTYPES) + " (default: all)")
+    p.add_argument("--types", default=None, help="comma-separated, any case: " + ",".join(FTYPES)
+                   + " (default: " + ",".join(LEGACY_TYPES) + ")")
     p.add_argument("--methods", default="rtn,gptq", help="comma-separated llmquant methods (default: rtn,gptq)")
     p.add_argument("--ctx", type=int, default=None, help="evaluation window in tokens (default 512)")
     p.add_argument("--windows", type=int, default=None, help="evaluation windows (default: all of the held-out text)")
@@ -72,14 +82,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="threads for quantization and evaluation (2)")
     p.add_argument("--subset", action="store_true", help="fast CI mode: q8_0,q4_0, rtn (+gptq 4x128), ctx 128, 2 windows")
     p.add_argument("--force", action="store_true", help="redo rows already in results.json")
+    p.add_argument("--no-imatrix", dest="imatrix", action="store_false",
+                   help="skip the llama.cpp+imatrix series (llama-imatrix, then llama-quantize --imatrix)")
     args = p.parse_args(argv)
     methods = args.requested = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.subset:
         methods = [m for m in ("rtn", "gptq") if m == "rtn" or m in methods]
     sub = args.subset
     args.methods = methods
-    args.types = [t.strip().lower() for t in args.types.split(",")] if args.types else (
-        ["q8_0", "q4_0"] if sub else list(FTYPES))
+    canonical = {name.lower(): name for name in FTYPES}
+    args.types = [canonical.get(t.strip().lower(), t.strip()) for t in args.types.split(",")] if args.types else (
+        ["q8_0", "q4_0"] if sub else list(LEGACY_TYPES))
     for name, fast, full in (("ctx", 128, 512), ("windows", 2, None), ("calib_samples", 4, 128),
                              ("calib_seqlen", 128, 512)):
         if getattr(args, name) is None:
@@ -98,6 +111,11 @@ def check_args(args: argparse.Namespace) -> dict[str, bool]:
             or args.calib_samples < 1 or args.calib_seqlen < 2:
         raise LlmquantError("need --ctx >= 4, --windows >= 1, --threads >= 1, --calib-samples >= 1, --calib-seqlen >= 2")
     needs = {m: make_method(m).needs_calibration for m in args.requested}  # unknown method -> LlmquantError
+    if args.imatrix:  # builds llama-imatrix and llama-quantize once per machine (minutes); no cmake -> one line
+        from llmquant.eval.llamacpp_tools import TOOLS, tool_path
+
+        for tool in TOOLS:
+            tool_path(tool)
     for mod in ("llama_cpp", "matplotlib"):
         try:
             __import__(mod)
@@ -111,6 +129,12 @@ def check_args(args: argparse.Namespace) -> dict[str, bool]:
 
 def run_quantization(job: dict) -> dict:
     """One quantization in a child process: {seconds, peak_mib} of that child alone."""
+    if job["method"] == LLAMA_CPP_IMATRIX:  # llama-quantize is the child: its own time and VmHWM
+        from llmquant.eval.llamacpp_tools import quantize_with_imatrix
+
+        stats: dict = {}
+        quantize_with_imatrix(job["src"], job["out"], job["type"], job["imatrix"], job["threads"], stats=stats)
+        return stats
     proc = subprocess.run([sys.executable, "-c", WORKER, json.dumps(job)], capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
@@ -129,19 +153,87 @@ def plan_rows(args: argparse.Namespace, needs: dict[str, bool]) -> list[dict]:
     base = {"model": model, "ctx": args.ctx, "windows": args.windows}
     calib = {"samples": args.calib_samples, "seqlen": args.calib_seqlen}
     f32 = args.out_dir / f"{slug}-f32.gguf"
+    ctag = f"-c{calib['samples']}x{calib['seqlen']}"
     rows = [{**base, "type": "f32", "method": REFERENCE, "calib": None, "file": str(f32),
              "job": {"method": "rtn", "type": "f32", "model": args.model, "calib": None}}]
     for t in args.types:
         rows.append({**base, "type": t, "method": LLAMA_CPP, "calib": None,
                      "file": str(args.out_dir / f"{slug}-{t}-llama.cpp.gguf"),
                      "job": {"method": LLAMA_CPP, "ftype": FTYPES[t], "src": str(f32)}})
+        if args.imatrix:
+            rows.append({**base, "type": t, "method": LLAMA_CPP_IMATRIX, "calib": calib,
+                         "file": str(args.out_dir / f"{slug}-{t}-{LLAMA_CPP_IMATRIX}{ctag}.gguf"),
+                         "job": {"method": LLAMA_CPP_IMATRIX, "type": t, "src": str(f32),
+                                 "imatrix": str(imatrix_path(args))}})
         for m in args.methods:
             c = calib if needs[m] else None
-            tag = f"-c{c['samples']}x{c['seqlen']}" if c else ""
+            tag = ctag if c else ""
             rows.append({**base, "type": t, "method": m, "calib": c,
                          "file": str(args.out_dir / f"{slug}-{t}-{m}{tag}.gguf"),
                          "job": {"method": m, "type": t, "model": args.model, "calib": c}})
     return rows
+
+
+def calib_slug(args: argparse.Namespace) -> str:
+    return f"{Path(args.model or 'default').name or 'model'}-c{args.calib_samples}x{args.calib_seqlen}"
+
+
+def imatrix_path(args: argparse.Namespace) -> Path:
+    return args.out_dir / f"{calib_slug(args)}.imatrix.gguf"
+
+
+def write_calibration_text(args: argparse.Namespace, path: Path) -> int:
+    """The exact token windows llmquant's calibrated methods use, as text; returns their count.
+
+    ``calibration_tokens`` with the benchmark's samples x seqlen (default text,
+    seed 0) gives the windows; each is decoded and they are written back to
+    back, so llama-imatrix's consecutive chunks of seqlen tokens are those
+    windows (llama.cpp re-tokenizes the text to exactly these tokens on SmolLM2:
+    tests/test_benchmark.py checks it). The first window is repeated after the
+    last as padding, never processed with --chunks = the window count:
+    llama-imatrix wants 2 x ctx tokens at least and drops a short last chunk.
+    """
+    from transformers import AutoTokenizer
+
+    from llmquant.calibration import CalibrationConfig, calibration_tokens
+    from llmquant.loading.source import resolve_model
+
+    model_dir = resolve_model(args.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "only N windows": llmquant's methods use the same N
+        windows = calibration_tokens(model_dir, CalibrationConfig(samples=args.calib_samples,
+                                                                  seqlen=args.calib_seqlen))
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    parts = [tok.decode(w, clean_up_tokenization_spaces=False) for w in windows.tolist()]
+    parts.append(parts[0])  # padding only
+    path.write_text("".join(parts), encoding="utf-8")
+    return len(windows)
+
+
+def ensure_imatrix(args: argparse.Namespace, f32: str, info: dict) -> Path:
+    """llama-imatrix on the f32 file and the calibration windows, once per out-dir (or --force)."""
+    from llmquant.eval.llamacpp_tools import compute_imatrix
+
+    out = imatrix_path(args)
+    text_file = args.out_dir / f"{calib_slug(args)}.calib.txt"
+    meta_file = out.with_suffix(".json")
+    if out.is_file() and meta_file.is_file() and not args.force:
+        info.update(json.loads(meta_file.read_text()))
+        return out
+    chunks = write_calibration_text(args, text_file)
+    if chunks < 2:
+        raise LlmquantError(f"llama-imatrix needs at least 2 calibration windows of {args.calib_seqlen} tokens; "
+                            f"the calibration text holds {chunks}")
+    print(f"[bench] llama-imatrix on {chunks} x {args.calib_seqlen} calibration tokens -> {out}",
+          file=sys.stderr, flush=True)
+    stats: dict = {}
+    compute_imatrix(f32, text_file, out, ctx=args.calib_seqlen, chunks=chunks, threads=args.threads, stats=stats)
+    meta = {"imatrix_file": str(out), "imatrix_text": str(text_file), "imatrix_chunks": chunks,
+            "imatrix_ctx": args.calib_seqlen, "imatrix_seconds": stats.get("seconds"),
+            "imatrix_peak_mib": stats.get("peak_mib")}
+    meta_file.write_text(json.dumps(meta, indent=1))
+    info.update(meta)
+    return out
 
 
 def measure(row: dict, ref: str | None, text: str, args: argparse.Namespace) -> dict:
@@ -158,13 +250,20 @@ def measure(row: dict, ref: str | None, text: str, args: argparse.Namespace) -> 
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Δppl vs the f32 row, and KLD / size ratios vs llama.cpp's file of the same type."""
+    """Δppl vs the f32 row; KLD / size ratios vs llama.cpp's file of the same type, and KLD ratio
+    vs llama.cpp+imatrix's file of the same type (None without that row)."""
     ref_ppl = next(r["ppl"] for r in rows if r["method"] == REFERENCE)
     theirs = {r["type"]: r for r in rows if r["method"] == LLAMA_CPP}
+    imatrix = {r["type"]: r for r in rows if r["method"] == LLAMA_CPP_IMATRIX}
+
+    def kld_ratio(r: dict, other: dict | None) -> float | None:
+        return r["kld"] / other["kld"] if other and r["kld"] is not None and other["kld"] else None
+
     for r in rows:
         r["dppl"] = r["ppl"] - ref_ppl
         other = theirs.get(r["type"])
-        r["kld_ratio"] = r["kld"] / other["kld"] if other and r["kld"] is not None and other["kld"] else None
+        r["kld_ratio"] = kld_ratio(r, other)
+        r["kld_ratio_imatrix"] = kld_ratio(r, imatrix.get(r["type"]))
         r["size_ratio"] = r["file_size"] / other["file_size"] if other else None
 
 
@@ -174,14 +273,14 @@ def fmt(x, spec: str) -> str:
 
 def table(rows: list[dict]) -> str:
     head = ["type", "method", "size MiB", "bpw", "ppl", "Δppl", "KLD", "KLD p99", "top-1",
-            "quant s", "peak MiB", "KLD ratio", "size ratio"]
+            "quant s", "peak MiB", "KLD ratio", "KLD ratio imatrix", "size ratio"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["type"], r["method"], fmt(r["file_size"] / 2**20, ".1f"), fmt(r["bits_per_weight"], ".3f"),
                  fmt(r["ppl"], ".4f"), fmt(r["dppl"], "+.4f"), fmt(r["kld"], ".6f"), fmt(r["kld_p99"], ".5f"),
                  fmt(r["top1"] and 100 * r["top1"], ".2f") + ("%" if r["top1"] is not None else ""),
                  fmt(r["quant_seconds"], ".1f"), fmt(r["peak_mib"], ".0f"),
-                 fmt(r["kld_ratio"], ".3f"), fmt(r["size_ratio"], ".4f")]
+                 fmt(r["kld_ratio"], ".3f"), fmt(r.get("kld_ratio_imatrix"), ".3f"), fmt(r["size_ratio"], ".4f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -200,9 +299,11 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
                      if r["method"] == method and r["kld"] and r["kld"] > 0)
         if not pts:
             continue
-        theirs = method == LLAMA_CPP  # hollow squares, so an identical series (rtn) stays visible
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=method, linestyle="--" if theirs else "-",
-                marker="s" if theirs else "o", markersize=10 if theirs else 5, fillstyle="none" if theirs else "full")
+        theirs = method in (LLAMA_CPP, LLAMA_CPP_IMATRIX)  # hollow, so an identical series (rtn) stays visible
+        marker = {LLAMA_CPP: "s", LLAMA_CPP_IMATRIX: "D"}.get(method, "o")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=method,
+                linestyle={LLAMA_CPP: "--", LLAMA_CPP_IMATRIX: ":"}.get(method, "-"),
+                marker=marker, markersize=10 if theirs else 5, fillstyle="none" if theirs else "full")
         for x, y, t in pts:
             if (x, y, t) not in labelled:
                 labelled.add((x, y, t))
@@ -233,9 +334,10 @@ def save_results(path: Path, rows: list[dict], info: dict) -> None:
     os.replace(tmp, path)
 
 
-def run_info(args: argparse.Namespace, argv: list[str], tokens: int | None) -> dict:
+def run_info(args: argparse.Namespace, argv: list[str], tokens: int | None, extra: dict | None = None) -> dict:
     return {"model": args.model or "default", "ctx": args.ctx, "windows": args.windows, "tokens": tokens,
-            "types": args.types, "methods": args.methods, "threads": args.threads,
+            "types": args.types, "methods": args.methods, "threads": args.threads, "imatrix": args.imatrix,
+            **(extra or {}),
             "calib": {"samples": args.calib_samples, "seqlen": args.calib_seqlen},
             "machine": platform.processor() or platform.machine(), "nproc": os.cpu_count(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -247,22 +349,26 @@ def run(args: argparse.Namespace, argv: list[str]) -> list[dict]:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     results = args.out_dir / "results.json"
     saved = {row_key(r): r for r in load_results(results)}
-    text, done, ref = default_text("eval"), [], None
+    text, done, ref, extra = default_text("eval"), [], None, {}
     for row in plan_rows(args, needs):
         old = saved.get(row_key(row))
         if old is not None and not args.force and Path(old["file"]).is_file():
             print(f"[bench] skip {row['type']} {row['method']}: already in {results}", file=sys.stderr)
             new = old
         else:
+            if row["method"] == LLAMA_CPP_IMATRIX and "imatrix_file" not in extra:
+                ensure_imatrix(args, ref, extra)  # once per run, from the f32 file (the first row)
             new = measure(row, ref, text, args)
             saved[row_key(new)] = new
-            save_results(results, list(saved.values()), run_info(args, argv, new["tokens"]))
+            save_results(results, list(saved.values()), run_info(args, argv, new["tokens"], extra))
         ref = ref or new["file"]  # the first row is the f32 reference
         done.append(new)
     add_ratios(done)
     for r in done:
         saved[row_key(r)] = r
-    save_results(results, list(saved.values()), run_info(args, argv, done[0]["tokens"]))
+    if args.imatrix and "imatrix_file" not in extra and imatrix_path(args).with_suffix(".json").is_file():
+        extra.update(json.loads(imatrix_path(args).with_suffix(".json").read_text()))
+    save_results(results, list(saved.values()), run_info(args, argv, done[0]["tokens"], extra))
     title = f"{args.model or 'SmolLM2-135M-Instruct'}: ctx {args.ctx}, {done[0]['tokens']} scored tokens"
     plot(done, args.out_dir / "kld_vs_bpw.png", title)
     return done
