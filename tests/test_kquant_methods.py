@@ -45,8 +45,7 @@ def _check_file(model, out, method, report, qtype):
     return errs
 
 
-@pytest.mark.parametrize("qtype", K_TYPES)
-@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize(("qtype", "act_order"), [(t, False) for t in K_TYPES] + [("q3_k", True), ("q4_k", True)])
 def test_gptq_file_is_exactly_its_weights(qtype, act_order, tiny_k, tmp_path):
     method = RecordingGPTQ(act_order=act_order)
     out = tmp_path / f"{qtype}.gguf"
@@ -56,8 +55,7 @@ def test_gptq_file_is_exactly_its_weights(qtype, act_order, tiny_k, tmp_path):
     assert ratio < 1.0, ratio  # on average GPTQ's output error is below llama.cpp's rule
 
 
-@pytest.mark.parametrize("cls", [RecordingAWQ, RecordingAWQGPTQ])
-@pytest.mark.parametrize("qtype", ["q3_k", "q4_k", "q6_k"])
+@pytest.mark.parametrize(("cls", "qtype"), [(RecordingAWQ, "q4_k"), (RecordingAWQGPTQ, "q3_k"), (RecordingAWQ, "q6_k")])
 def test_awq_file_is_exactly_its_weights(cls, qtype, tiny_k, tmp_path):
     method = cls(n_grid=10)
     out = tmp_path / f"{method.name}-{qtype}.gguf"

@@ -69,17 +69,13 @@ def _diff(ours: dict[str, str], theirs: dict[str, str]) -> list[str]:
     return [f"{n}: ours {ours[n]}, llama.cpp {theirs[n]}" for n in ours if ours[n] != theirs[n]]
 
 
-@pytest.mark.parametrize("recipe", K_RECIPES + ["q4_0", "q8_0", "q5_1"])
+@pytest.mark.parametrize("recipe", ["q4_0", "q8_0", "q5_1"])  # the k-quant recipes: in the byte test below
 def test_plan_equals_llama_cpp_on_a_deep_model(recipe, deep_k, tmp_path):
     model, f32 = deep_k
-    ours = our_types(model, recipe)
-    assert _diff(ours, llama_cpp_types(f32, tmp_path / "q.gguf", recipe)) == []
-    if recipe in K_RECIPES:  # the layer patterns really show: more than one type among the weights
-        assert len({t for n, t in ours.items() if n.startswith("blk.")} - {"f32"}) >= 2 or recipe in (
-            "q3_k_s", "q5_k_s", "q6_k")
+    assert _diff(our_types(model, recipe), llama_cpp_types(f32, tmp_path / "q.gguf", recipe)) == []
 
 
-@pytest.mark.parametrize("recipe", ["q2_k", "q3_k_m", "q4_k_m", "q6_k", "q4_0"])
+@pytest.mark.parametrize("recipe", ["q2_k", "q3_k_m", "q4_k_m"])
 def test_plan_equals_llama_cpp_on_the_default_model(recipe, smollm2_dir, smollm2_f32, tmp_path):
     ours = our_types(smollm2_dir, recipe)
     assert _diff(ours, llama_cpp_types(smollm2_f32, tmp_path / "q.gguf", recipe)) == []
@@ -121,6 +117,9 @@ def test_rtn_file_is_byte_identical_to_llama_cpp_and_runs(recipe, deep_k, tmp_pa
     differ = [n for n in a if a[n].tensor_type != b[n].tensor_type
               or not np.array_equal(a[n].data.view(np.uint8), b[n].data.view(np.uint8))]
     assert differ == []
+    weights = {t.type for t in report.tensors if t.name.startswith("blk.")} - {"f32"}
+    # the layer patterns and fallbacks really show: the mixtures put several types in the layers
+    assert len(weights) >= (1 if recipe in ("q3_k_s", "q5_k_s", "q6_k") else 3), weights
     assert report.file_size == ours.stat().st_size
     assert gguf.GGUFReader(ours).fields["general.file_type"].parts[-1][0] == int(RECIPES[recipe].file_type)
     assert generate(ours, "The capital of France is", max_tokens=4)  # loads and runs in llama.cpp
