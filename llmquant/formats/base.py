@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
+import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 if TYPE_CHECKING:
@@ -107,29 +108,20 @@ class BlockFormat:
         return w
 
     @classmethod
-    def nearest_codes(cls, x: np.ndarray, scales: np.ndarray, mins: np.ndarray | None = None) -> np.ndarray:
-        """Nearest grid codes for ``x`` given a grid: int16, same broadcast shape.
+    def nearest_codes(cls, x: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None = None) -> torch.Tensor:
+        """The one definition of "nearest code": ``clip(round((x - mins) / scales), qmin, qmax)``.
 
-        ``clip(round((x - mins) / scales), qmin, qmax)`` with ties rounded away
-        from zero, elementwise with numpy broadcasting (pass ``scales[:, None]``
-        for per-block grids); code 0 wherever ``scales == 0``. This is
-        round-to-nearest on the fp16 grid that llama.cpp dequantizes with, the
-        step GPTQ/AWQ need. It is *not* byte-identical with ``rtn``: the
-        reference quantizers multiply by the float32 ``1/d`` of the scale
-        *before* its fp16 rounding, and q4/q5 truncate ``v + 0.5`` (ties go
-        up, not away from zero).
+        Ties round half to even (``torch.round``); code 0 wherever ``scales == 0``;
+        torch broadcasting (pass ``scales[..., None]`` for per-block grids), any
+        device, float codes of x's dtype. This is round-to-nearest on the grid that
+        llama.cpp dequantizes with (the fp16 scale, or a k-quant's effective
+        ``d·sc``), the step GPTQ/AWQ take. It is *not* ``rtn``: the reference
+        quantizers multiply by the float32 ``1/d`` of the scale *before* its fp16
+        rounding, and q4/q5 truncate ``v + 0.5``.
         """
-        x = np.asarray(x, dtype=np.float64)
-        s = np.asarray(scales, dtype=np.float64)
-        v = x if mins is None else x - np.asarray(mins, dtype=np.float64)
-        zero = s == 0
-        v = v / np.where(zero, 1.0, s)
-        # floor(a + 0.5) rounds 0.49999999999999994 up; split off the fraction first.
-        a = np.abs(v)
-        fl = np.floor(a)
-        r = np.copysign(fl + np.floor(2.0 * (a - fl)), v)
-        r = np.where(zero, 0.0, np.clip(r, cls.qmin, cls.qmax))
-        return r.astype(np.int16)
+        v = x if mins is None else x - mins
+        c = torch.round(v / scales).clamp_(cls.qmin, cls.qmax)
+        return torch.where(scales == 0, torch.zeros((), dtype=c.dtype, device=c.device), c)
 
     @classmethod
     def check(cls, q: QuantBlocks) -> None:

@@ -103,10 +103,8 @@ def _f16(x: torch.Tensor) -> torch.Tensor:
 
 
 def _codes(w: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, fmt: type[BlockFormat]) -> torch.Tensor:
-    """Nearest codes (as float) of w [..., n, g] on grids d, m [..., n]; 0 where d == 0."""
-    x = w if m is None else w - m[..., None]
-    c = torch.round(x / d[..., None]).clamp_(fmt.qmin, fmt.qmax)
-    return torch.where(d[..., None] == 0, torch.zeros((), dtype=c.dtype), c)
+    """Nearest codes (as float) of w [..., n, g] on grids d, m [..., n]: ``fmt.nearest_codes``."""
+    return fmt.nearest_codes(w, d[..., None], None if m is None else m[..., None])
 
 
 def _dequant(c: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
