@@ -197,5 +197,5 @@ def _fallbacks(reader: gguf.GGUFReader) -> list[str]:
             fell[choice.note.split(":")[0]] += 1
     if not fell:
         return [f"  no tensor fell back from the {recipe.name.upper()} recipe's types"]
-    return [f"  fell back (row not a multiple of the type's block): "
+    return ["  fell back (row not a multiple of the type's block): "
             + ", ".join(f"{k} x{v}" for k, v in sorted(fell.items()))]
