@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -11,12 +12,14 @@ import torch
 from .calibration import CalibrationConfig, calibration_tokens
 from .errors import LlmquantError
 from .export.arch import ArchSpec, config_int, get_arch
-from .export.gguf_file import GGUFOutput, PlannedTensor, ResumableError, check_output_path
+from .export.gguf_file import GGUFOutput, PlannedTensor, ResumableError
 from .export.metadata import add_metadata
 from .export.tokenizer import check_tokenizer_files
 from .loading.source import read_config, resolve_model
 from .loading.weights import WeightStore
-from .methods import METHODS, Method, make_method
+from .methods import METHODS, Method, make_method, method_registry
+from .options import check_calibration, check_method_options, check_value
+from .paths import check_run_paths, write_atomic
 from .pipeline import Pipeline
 from .policy import ModelFacts, Recipe, choose_type, get_recipe
 from .report import QuantReport, peak_rss_mib
@@ -38,7 +41,9 @@ def plan_tensors(spec: ArchSpec, config: dict, store: WeightStore, recipe: Recip
     n_layers = config_int(config, "num_hidden_layers")
     facts = model_facts(spec, config)
     vocab, hidden = config_int(config, "vocab_size"), config_int(config, "hidden_size")
-    has_head = spec.head in store and not config.get("tie_word_embeddings", False)
+    # transformers ties a head to the embedding only when the checkpoint holds no head, or the same values
+    has_head = spec.head in store and (not config.get("tie_word_embeddings", False)
+                                       or not store.same_values(spec.embed, spec.head))
     layer_shapes = spec.layer_shapes(config) if spec.layer_shapes else {}
     expected = {spec.final_norm: (hidden,), spec.head: (vocab, hidden)}
     names = [spec.embed]
@@ -59,6 +64,7 @@ def plan_tensors(spec: ArchSpec, config: dict, store: WeightStore, recipe: Recip
         )
     if f"{spec.layer_prefix.format(i=n_layers)}{spec.layer_tensors[0]}" in store:
         raise LlmquantError(f"the checkpoint has more layers than num_hidden_layers={n_layers} in config.json")
+    _check_every_tensor_used(spec, store, set(names), tied=spec.head in store and not has_head)
     plan = {}
     for n in names:
         shape = store.shape(n)
@@ -69,6 +75,54 @@ def plan_tensors(spec: ArchSpec, config: dict, store: WeightStore, recipe: Recip
         choice = choose_type(gguf_name, shape, recipe, facts, pure=pure, is_head=is_head)
         plan[n] = PlannedTensor(gguf_name, shape, choice.ggml_type, choice.note)
     return plan
+
+
+def _check_every_tensor_used(spec: ArchSpec, store: WeightStore, written: set[str], tied: bool) -> None:
+    """Every checkpoint tensor is written or skipped on purpose (said in a warning); else stop, naming it.
+
+    A tensor the layout does not hold (an o_proj bias of a qwen2, a q_norm, ...) changes what the
+    model computes: dropping it silently would give a file that runs, and computes another model.
+    """
+    skipped: dict[str, list[str]] = {}
+    unknown = []
+    for name in store.entries:
+        if name in written:
+            continue
+        why = "the embedding's values: tie_word_embeddings ties the head to it" if tied and name == spec.head \
+            else spec.skip_reason(name)
+        if why is None:
+            unknown.append(name)
+        else:
+            skipped.setdefault(why, []).append(name)
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise LlmquantError(f"tensor {unknown[0]}{more} of the checkpoint has no place in llama.cpp's {spec.gguf_name} "
+                            "layout; refusing to write a file that would compute a different model")
+    for why, names in skipped.items():
+        warnings.warn(f"not written: {names[0]}{f' and {len(names) - 1} more' if len(names) > 1 else ''} ({why})",
+                      stacklevel=3)
+
+
+def _check_settings(method: str | Method, method_options: dict | None, calibration: CalibrationConfig | None,
+                    threads: int | None) -> str | Method:
+    """Every option, before any work: the same checks (and messages) for the CLI and the API.
+
+    Returns the method, its name lower-cased (``RTN`` is ``rtn``, as ``Q8_0`` is ``q8_0``).
+    """
+    if isinstance(method, str):
+        method = method.lower()
+        if method not in METHODS:
+            raise LlmquantError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        cls = method_registry()[method]
+        check_method_options(method, cls, method_options or {})
+        check_calibration(method, cls.needs_calibration, calibration)
+    else:
+        if method_options:
+            raise LlmquantError("method_options apply to a method given by name, not to a Method object")
+        check_calibration(method.name, method.needs_calibration, calibration)
+    if threads is not None:
+        check_value("threads", threads)
+    return method
 
 
 def quantize(
@@ -83,6 +137,7 @@ def quantize(
     threads: int | None = None,
     progress: bool = True,
     resume: bool = False,
+    report: str | Path | None = None,
 ) -> QuantReport:
     """Quantize a Hugging Face causal LM into a GGUF file that llama.cpp runs.
 
@@ -93,24 +148,27 @@ def quantize(
     pure: every 2-D weight in ``type`` (else llama.cpp's per-tensor policy).
     resume: continue the interrupted run whose work folder (``<out>.llmquant-work``)
         is beside ``out``; the result is byte-identical to an uninterrupted run.
+    report: also write the report as JSON there (checked before any work like ``out``,
+        written whole after the output).
     """
     t0 = time.perf_counter()
     recipe = get_recipe(type)
     type_ = recipe.name
-    if isinstance(method, str) and method not in METHODS:
-        raise LlmquantError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if threads:
+    method = _check_settings(method, method_options, calibration, threads)
+    if threads is not None:
         torch.set_num_threads(threads)
     out = Path(out)
     model_dir = resolve_model(model)
     config = read_config(model_dir)
     spec = get_arch(config)
+    spec.check_config(config)
     check_tokenizer_files(model_dir)
-    check_output_path(out, model_dir)
+    calib = calibration or CalibrationConfig()
+    check_run_paths(out, model_dir, report=None if report is None else Path(report),
+                    inputs={calib.text_file: "the calibration text (--calib-text)"})
     store = WeightStore(model_dir)
     plan = plan_tensors(spec, config, store, recipe, pure)
     meth = method if isinstance(method, Method) else make_method(method, **(method_options or {}))
-    calib = calibration or CalibrationConfig()
     tokens = runner = None
     if meth.needs_calibration:
         from .loading.layers import LayerRunner
@@ -146,7 +204,7 @@ def quantize(
         work.remove()
         raise
     work.remove()
-    return QuantReport(
+    summary = QuantReport(
         model=str(model or "SmolLM2-135M-Instruct (default)"),
         out=out,
         type=type_,
@@ -161,6 +219,18 @@ def quantize(
         checksum=output.checksum,
         resumed_at_layer=point.layers_done if point else None,
     )
+    if report is not None:
+        _write_report(Path(report), summary)
+    return summary
+
+
+def _write_report(path: Path, result: QuantReport) -> None:
+    import json
+
+    try:
+        write_atomic(path, json.dumps(result.to_dict(), indent=1, default=str).encode())
+    except OSError as exc:
+        raise LlmquantError(f"wrote {result.out}, but cannot write the report {path}: {exc.strerror or exc}") from None
 
 
 def _text_digest(path: Path | None) -> str | None:

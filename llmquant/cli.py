@@ -1,9 +1,16 @@
-"""The ``llmquant`` command. The only place that turns errors into exit codes."""
+"""The ``llmquant`` command. The only place that turns errors into exit codes.
+
+0 success; 2 a user error (one ``error: ...`` line); 130 Ctrl-C, 143 SIGTERM
+(both keep finished layers for ``--resume``); 141 stdout closed early (``| head``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -28,60 +35,67 @@ def _add_quantize(sub) -> None:
                    help="continue an interrupted run from its work folder OUT.llmquant-work (same settings)")
     p.add_argument("--report", type=Path, default=None,
                    help="also write the full report as JSON (per-linear error vs RTN, time, method choices)")
-    g = p.add_argument_group("calibration (gptq)")
+    g = p.add_argument_group("calibration (gptq, awq, awq+gptq)")
     g.add_argument("--calib-text", type=Path, default=None, help="text file for calibration")
     g.add_argument("--calib-dataset", default=None, help="Hugging Face dataset name (needs hub access)")
-    g.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
-    g.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default 512)")
-    g.add_argument("--seed", type=int, default=0, help="seed for picking windows (default 0)")
-    g = p.add_argument_group("gptq")
-    g.add_argument("--damp", type=float, default=0.01, help="damping, fraction of mean diag(H) (default 0.01)")
-    g.add_argument("--act-order", action="store_true", help="process columns by decreasing diag(H)")
-    g.add_argument("--no-scale-search", action="store_true", help="keep llama.cpp's scale rule per block")
-    g.add_argument("--awq-grid", type=int, default=20, help="awq, awq+gptq: alpha grid points in [0, 1) (default 20)")
+    g.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 128)")
+    g.add_argument("--calib-seqlen", type=int, default=None, help="tokens per window (default 512)")
+    g.add_argument("--seed", type=int, default=None, help="seed for picking windows (default 0)")
+    g = p.add_argument_group("method options (each only where --method takes it)")
+    g.add_argument("--damp", type=float, default=None, help="gptq, awq+gptq: damping, fraction of mean diag(H) (default 0.01)")
+    g.add_argument("--act-order", action="store_true", help="gptq, awq+gptq: process columns by decreasing diag(H)")
+    g.add_argument("--no-scale-search", action="store_true",
+                   help="gptq, awq+gptq: keep llama.cpp's scale rule per block")
+    g.add_argument("--awq-grid", type=int, default=None, help="awq, awq+gptq: alpha grid points in [0, 1) (default 20)")
+
+
+# method option (constructor keyword) -> (argparse dest, value from the typed flag); only typed flags are passed
+_METHOD_FLAGS = {"damp": ("damp", None), "act_order": ("act_order", None),
+                 "scale_search": ("no_scale_search", lambda v: not v), "n_grid": ("awq_grid", None)}
+_CALIB_FLAGS = {"samples": "calib_samples", "seqlen": "calib_seqlen", "seed": "seed",
+                "text_file": "calib_text", "dataset": "calib_dataset"}
+
+
+def _typed(value) -> bool:
+    return value is not None and value is not False
 
 
 def _run_quantize(args) -> int:
     from .api import quantize
     from .calibration import CalibrationConfig
 
-    calib = CalibrationConfig(samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed,
-                              text_file=args.calib_text, dataset=args.calib_dataset)
-    options = {}
-    if args.method in ("gptq", "awq+gptq"):
-        options = {"damp": args.damp, "act_order": args.act_order, "scale_search": not args.no_scale_search}
-    if args.method in ("awq", "awq+gptq"):
-        options["n_grid"] = args.awq_grid
+    given = {k: getattr(args, dest) for k, dest in _CALIB_FLAGS.items() if _typed(getattr(args, dest))}
+    calib = CalibrationConfig(**given) if given else None
+    options = {k: (conv or (lambda v: v))(getattr(args, dest))
+               for k, (dest, conv) in _METHOD_FLAGS.items() if _typed(getattr(args, dest))}
     report = quantize(args.model, args.out, type=args.type, method=args.method, pure=args.pure,
                       calibration=calib, method_options=options, threads=args.threads, resume=args.resume,
-                      progress=not args.quiet and sys.stderr.isatty())  # no bar in logs and pipes
+                      report=args.report, progress=not args.quiet and sys.stderr.isatty())  # no bar in logs and pipes
     print(report.summary())
-    if args.report:
-        import json
-
-        args.report.write_text(json.dumps(report.to_dict(), indent=1, default=str))
     return 0
 
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="run a GGUF file in llama.cpp and print a completion")
-    p.add_argument("file", type=Path)
-    p.add_argument("prompt")
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("file", type=Path, help="GGUF file")
+    p.add_argument("prompt", help="text to complete (with --chat: the user's message)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
     p.add_argument("--chat", action="store_true", help="apply the file's chat template")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ctx", type=int, default=512, help="context length in tokens, prompt included (default 512)")
+    p.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2)")
 
 
 def _run_generate(args) -> int:
     from .generate import generate
 
-    print(generate(args.file, args.prompt, max_tokens=args.max_tokens, chat=args.chat, threads=args.threads))
+    print(generate(args.file, args.prompt, max_tokens=args.max_tokens, chat=args.chat, threads=args.threads,
+                   ctx=args.ctx))
     return 0
 
 
 def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="metadata and tensor table of a GGUF file")
-    p.add_argument("file", type=Path)
+    p.add_argument("file", type=Path, help="GGUF file")
 
 
 def _run_inspect(args) -> int:
@@ -112,20 +126,51 @@ COMMANDS = {
 }
 
 
+DESCRIPTION = """\
+Quantize a Hugging Face causal language model into a GGUF file that llama.cpp runs,
+with llama.cpp's own rounding (rtn) or GPTQ/AWQ choosing the codes on llama.cpp's
+block grids; then run, inspect and measure the file."""
+
+EPILOG = """\
+examples:
+  llmquant quantize --type q4_0 --out smollm2-q4_0.gguf
+  llmquant quantize ./my-llama --type Q4_K_M --method awq+gptq --out my-llama-Q4_K_M.gguf
+  llmquant generate smollm2-q4_0.gguf "The capital of France is"
+  llmquant perplexity smollm2-q4_0.gguf --ref smollm2-f32.gguf
+
+Run 'llmquant COMMAND --help' for a command's options."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: ...; see 'llmquant quantize --help'``, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see '{self.prog} --help'\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmquant", description=__doc__)
+    parser = _Parser(prog="llmquant", description=DESCRIPTION, epilog=EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"llmquant {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add, _ in COMMANDS.values():
         add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the subcommand, whose --help lists what it takes
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_main else None
     try:
-        return COMMANDS[args.command][1](args)
+        rc = COMMANDS[args.command][1](args)
+        sys.stdout.flush()  # a pipe buffers: a closed one must fail here, not in the interpreter's exit
+        return rc
     except LlmquantError as exc:
         text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         from .export.gguf_file import ResumableError
@@ -134,9 +179,28 @@ def main(argv: list[str] | None = None) -> int:
             text += _resume_hint(args)
         print(f"error: {text or type(exc).__name__}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"interrupted; no output file was written{_resume_hint(args)}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        stopped = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        written = "; no output file was written" if args.command == "quantize" else ""
+        print(f"{stopped}{written}{_resume_hint(args)}", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    except BrokenPipeError:  # stdout closed early (| head): stop quietly, like a C tool killed by SIGPIPE
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())  # the interpreter's last flush must not fail again
+        os.close(null)
+        return 141
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (docker stop, systemd, Slurm's time limit): stopped like Ctrl-C, finished layers kept."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated
 
 
 def _resume_hint(args) -> str:

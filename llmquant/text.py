@@ -30,6 +30,8 @@ DATASET_ALIASES = {
 }
 # Which split of a Hugging Face dataset each part reads.
 DATASET_SPLITS = {"calib": "train", "eval": "test"}
+# How the user names the text file and the dataset for each part (quantize, perplexity)
+FLAGS = {"calib": ("--calib-text", "--calib-dataset"), "eval": ("--text", "--dataset")}
 
 
 @lru_cache(maxsize=1)
@@ -72,12 +74,13 @@ def load_text(text_file: Path | str | None, dataset: str | None, split: str = "e
     """
     if split not in PARTS:
         raise LlmquantError(f"unknown text part {split!r}; use one of {', '.join(PARTS)}")
+    text_flag, dataset_flag = FLAGS[split]
     if text_file is not None and dataset is not None:
-        raise LlmquantError("pass either --text FILE or --dataset NAME, not both")
+        raise LlmquantError(f"pass either {text_flag} FILE or {dataset_flag} NAME, not both")
     if text_file is not None:
         return _read_file(Path(text_file))
     if dataset is not None:
-        return _load_dataset(dataset, DATASET_SPLITS[split])
+        return _load_dataset(dataset, DATASET_SPLITS[split], text_flag)
     return default_text(split)
 
 
@@ -98,12 +101,12 @@ def _read_file(path: Path) -> str:
     return text
 
 
-def _load_dataset(name: str, split: str) -> str:
+def _load_dataset(name: str, split: str, text_flag: str = "--text") -> str:
     """Rows of a Hugging Face dataset's text column, joined as one document.
 
     ``name`` is an alias from DATASET_ALIASES or ``path[:config]``. ``datasets``
     is optional and imported only here; any failure (not installed, offline,
-    no such dataset) becomes one LlmquantError that points at --text.
+    no such dataset) becomes one LlmquantError that points at ``text_flag`` (--text, --calib-text).
     """
     path, config = DATASET_ALIASES.get(name, (name.split(":", 1) + [None])[:2])
     try:
@@ -114,11 +117,11 @@ def _load_dataset(name: str, split: str) -> str:
         rows = [row for row in data[column] if isinstance(row, str)]
     except Exception as exc:  # noqa: BLE001 - any failure has the same remedy
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LlmquantError(f"cannot load dataset {name} ({split} split): {reason}; pass --text FILE") from exc
+        raise LlmquantError(f"cannot load dataset {name} ({split} split): {reason}; pass {text_flag} FILE") from exc
     # wikitext rows carry their own newlines: joining with "" gives the raw file
     # (wiki.test.raw) that llama-perplexity users evaluate on.
     sep = "" if all(not r or r.endswith("\n") for r in rows) else "\n\n"
     text = sep.join(rows)
     if not text.strip():
-        raise LlmquantError(f"cannot load dataset {name} ({split} split): no text; pass --text FILE")
+        raise LlmquantError(f"cannot load dataset {name} ({split} split): no text; pass {text_flag} FILE")
     return text

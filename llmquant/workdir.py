@@ -27,6 +27,7 @@ import torch
 from . import __version__
 from .errors import LlmquantError
 from .methods import LinearReport
+from .paths import write_atomic
 
 STATE = "state.json"
 FINGERPRINT = "fingerprint.json"
@@ -94,8 +95,6 @@ class WorkDir:
 
     def open(self, fp: dict, resume: bool) -> ResumePoint | None:
         """Claim the folder; the point to continue from when ``resume`` finds one."""
-        if self.path.exists() and not self.path.is_dir():
-            raise LlmquantError(f"{self.path} exists and is not a work folder; remove it")
         self.path.mkdir(exist_ok=True)
         self._claim()
         found = self.resumable
@@ -106,7 +105,7 @@ class WorkDir:
                 "or delete that folder to start over"
             )
         if found:
-            changed = fingerprint_changes(json.loads((self.path / FINGERPRINT).read_text()), fp)
+            changed = fingerprint_changes(self._read_json(FINGERPRINT), fp)
             if changed:
                 self.release()
                 raise LlmquantError(
@@ -127,13 +126,41 @@ class WorkDir:
         except OSError:
             raise LlmquantError(f"another llmquant run is using {self.path}") from None
 
+    def _damaged(self, what: str) -> LlmquantError:
+        self.release()
+        return LlmquantError(f"the work folder {self.path} is damaged ({what}); delete it to start over")
+
+    def _read_json(self, name: str) -> dict:
+        try:
+            data = json.loads((self.path / name).read_text())
+        except FileNotFoundError:
+            raise self._damaged(f"{name} is missing") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise self._damaged(f"{name}: {exc}") from None
+        if not isinstance(data, dict):
+            raise self._damaged(f"{name} is not a JSON object")
+        return data
+
     def _load(self) -> ResumePoint:
-        state = json.loads((self.path / STATE).read_text())
+        """The recorded boundary, checked against what the folder holds."""
+        state = self._read_json(STATE)
+        counts = {k: state.get(k) for k in ("layers_done", "offset", "n_written")}
+        bad = [k for k, v in counts.items() if type(v) is not int or v < 0]
+        if bad or not isinstance(state.get("reports"), list) or not isinstance(state.get("hidden"), (str, type(None))):
+            raise self._damaged(f"{STATE} lacks valid {', '.join(bad) or 'reports or hidden'}")
+        if not self.partial.is_file() or self.partial.stat().st_size < counts["offset"]:
+            raise self._damaged(f"{PARTIAL} is missing or shorter than the {counts['offset']} bytes {STATE} records")
         hidden = None
-        if state.get("hidden"):
-            hidden = torch.load(self.path / state["hidden"], weights_only=True)
-        reports = [LinearReport(**r) for r in state["reports"]]
-        return ResumePoint(state["layers_done"], state["offset"], state["n_written"], hidden, reports)
+        if state["hidden"]:
+            try:
+                hidden = torch.load(self.path / Path(state["hidden"]).name, weights_only=True)
+            except Exception as exc:  # missing, truncated or not a tensor file: all mean "cannot continue"
+                raise self._damaged(f"{state['hidden']}: {exc}") from None
+        try:
+            reports = [LinearReport(**r) for r in state["reports"]]
+        except TypeError:
+            raise self._damaged(f"{STATE} holds malformed reports") from None
+        return ResumePoint(counts["layers_done"], counts["offset"], counts["n_written"], hidden, reports)
 
     def save(self, point: ResumePoint) -> None:
         """Record a layer boundary. The partial file must already be synced up to point.offset."""
@@ -175,7 +202,4 @@ def _fsync(path: Path) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, default=str))
-    _fsync(tmp)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, default=str).encode())

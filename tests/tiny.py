@@ -12,16 +12,19 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.ji
 
 def build_tiny_model(out: Path, arch: str, tokenizer_dir: Path, *, hidden: int = 64, layers: int = 2,
                      tied: bool = True, seed: int = 0, intermediate: int | None = None, heads: int = 4,
-                     kv_heads: int = 2) -> Path:
-    """A random ``arch`` (llama | qwen2) checkpoint in ``out`` with a real tokenizer."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+                     kv_heads: int = 2, **config) -> Path:
+    """A random ``arch`` (llama | mistral | qwen2) checkpoint in ``out`` with a real tokenizer.
+
+    config: further config keywords (attention_bias=True, sliding_window=16, ...).
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(
         vocab_size=49152, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden + 64,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512, rms_norm_eps=1e-5,
-        tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, **config,
     )
-    config = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
+    config = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch](**common)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # larger than the init's 0.02 so that the logits are not flat

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -73,10 +74,15 @@ def run(args: argparse.Namespace) -> int:
                       threads=args.threads, hf=args.hf, progress=getattr(args, "progress", True))
     if args.json:
         payload = {**result.to_dict(), "model": str(model), "ref": str(args.ref) if args.ref else None, "hf": args.hf}
-        print(json.dumps(payload))
+        print(json.dumps(_finite_or_null(payload), allow_nan=False))  # strict JSON: no NaN, no Infinity
     else:
         print(format_table(result, model))
     return 0
+
+
+def _finite_or_null(payload: dict) -> dict:
+    """A value that is not a finite number (bits per weight of an empty folder, ...) is unknown: null."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in payload.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

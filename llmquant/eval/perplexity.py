@@ -264,9 +264,14 @@ def evaluate(model: str | Path, *, text: str, ctx: int = 512, windows: int | Non
             stack.callback(base.close)
             if base.n_vocab != test.n_vocab:
                 raise LlmquantError(f"vocabularies differ: {model} has {test.n_vocab} tokens, {ref_path} has {base.n_vocab}")
-        for w in tqdm(wins, desc="perplexity", unit="window", disable=not progress, file=sys.stderr):
+        for i, w in enumerate(tqdm(wins, desc="perplexity", unit="window", disable=not progress, file=sys.stderr)):
             ref_logits = base.logits(w) if base is not None else None
-            for k, v in window_stats(test.logits(w), w, ref_logits).items():
+            logits = test.logits(w)
+            for path, values in ((model, logits), (ref_path, ref_logits)):
+                if values is not None and not np.isfinite(values).all():
+                    raise LlmquantError(f"{path} gives logits that are not finite (NaN or Inf) in window {i + 1}; "
+                                        "the model or file is broken")
+            for k, v in window_stats(logits, w, ref_logits).items():
                 acc.setdefault(k, []).append(v)
     stats = {k: np.concatenate(v) for k, v in acc.items()}
     ppl, stderr = ppl_and_stderr(stats["nll"])

@@ -221,29 +221,3 @@ def verify_gguf(path: Path, planned: list[tuple[str, int]] | None = None) -> str
         while block := fh.read(1 << 24):
             digest.update(block)
     return "sha256:" + digest.hexdigest()
-
-
-def _is_an_input(out: Path, model_dir: Path) -> bool:
-    """out is one of the model's files, also through links (hub caches link every file)."""
-    if not out.exists():
-        return False
-    return any(f.is_file() and os.path.samefile(out, f) for f in model_dir.iterdir())
-
-
-def check_output_path(out: Path, model_dir: Path) -> None:
-    """Fail before any work when the output cannot be written where asked."""
-    out = Path(out)
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise LlmquantError(f"output folder {parent} does not exist")
-    if out.is_dir():
-        raise LlmquantError(f"output {out} is a folder; give a file name such as model-q4_0.gguf")
-    if out.resolve().is_relative_to(model_dir.resolve()) and out.suffix != ".gguf" or _is_an_input(out, model_dir):
-        raise LlmquantError(f"output {out} would overwrite a file of the input model")
-    # create a file for real: mode bits say nothing for root, ACLs or read-only mounts
-    probe = parent / f".{out.name}.probe-{os.getpid()}"
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    except OSError as exc:
-        raise LlmquantError(f"output folder {parent} is not writable: {exc.strerror or exc}") from None
-    probe.unlink()

@@ -71,9 +71,59 @@ class TokenizerInfo:
 
 
 def check_tokenizer_files(model_dir: Path) -> None:
-    """Fail before any weight is read when the folder holds no tokenizer llama.cpp could use."""
+    """Fail before any weight is read when the folder holds no tokenizer llama.cpp could use,
+    or one whose fields have the wrong shape (one line naming the field)."""
     if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "tokenizer.model").is_file():
         raise LlmquantError(f"no tokenizer in {model_dir}: expected tokenizer.json or tokenizer.model")
+    tj = _read_json(model_dir / "tokenizer.json")
+    if tj is not None:
+        _check_tokenizer_json(tj, model_dir / "tokenizer.json")
+    _read_json(model_dir / "tokenizer_config.json")
+    if (model_dir / "tokenizer.model").is_file() and (tj is None or not _is_byte_level_bpe(tj)):  # the one used
+        _read_sp_model(model_dir / "tokenizer.model")
+
+
+def _check_tokenizer_json(tj: dict[str, Any], path: Path) -> None:
+    """The fields this module reads, with the types it reads them as."""
+    def bad(field: str, value, expected: str) -> LlmquantError:
+        return LlmquantError(f"{path} has {field}={json.dumps(value)[:60]}; expected {expected}")
+
+    model = tj.get("model")
+    if not isinstance(model, dict):
+        raise bad("model", model, "an object")
+    vocab = model.get("vocab")
+    if model.get("type") == "Unigram":
+        return  # refused by name later
+    if not isinstance(vocab, dict) or not all(type(i) is int and i >= 0 for i in vocab.values()):
+        raise bad("model.vocab", vocab, "an object mapping token texts to ids >= 0")
+    merges = model.get("merges", [])
+    if not isinstance(merges, list) or not all(
+            (isinstance(m, str) and " " in m) or (isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m))
+            for m in merges):
+        raise bad("model.merges", merges, "a list of 'left right' strings or [left, right] pairs")
+    added = tj.get("added_tokens", [])
+    if not isinstance(added, list) or not all(
+            isinstance(a, dict) and type(a.get("id")) is int and a["id"] >= 0 and isinstance(a.get("content"), str)
+            for a in added):
+        raise bad("added_tokens", added, "a list of objects with an id and a content")
+    for key in ("pre_tokenizer", "normalizer", "decoder"):
+        if not isinstance(tj.get(key), (dict, type(None))):
+            raise bad(key, tj[key], "an object or null")
+
+
+def _read_sp_model(path: Path):
+    """tokenizer.model as a SentencePiece ModelProto, or a one-line error."""
+    from google.protobuf.message import DecodeError
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(path.read_bytes())
+    except (OSError, DecodeError) as exc:
+        raise LlmquantError(f"cannot read {path}: not a SentencePiece model ({exc})") from None
+    if not proto.pieces:
+        raise LlmquantError(f"cannot read {path}: a SentencePiece model without pieces")
+    return proto
 
 
 def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> TokenizerInfo:
@@ -210,10 +260,7 @@ def _gpt2_tokens(tj: dict[str, Any], vocab_size: int, name: str) -> tuple[list[s
 
 def _spm_tokens_from_model(path: Path, vocab_size: int, name: str) -> tuple[list[str], list[float], list[int]]:
     """tokenizer.model pieces with their exact scores; proto piece types equal gguf's."""
-    from sentencepiece import sentencepiece_model_pb2
-
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(path.read_bytes())
+    proto = _read_sp_model(path)
     if proto.trainer_spec.model_type == proto.trainer_spec.UNIGRAM:
         raise LlmquantError(_UNIGRAM.format(name))
     tokens, scores, types = _padded(vocab_size)

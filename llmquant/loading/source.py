@@ -11,7 +11,8 @@ from pathlib import Path
 
 from ..errors import LlmquantError
 
-_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt", "*.tiktoken"]
+# everything but weights; the weights are then the files transformers would load (see weights.py)
+_HUB_PATTERNS = ["*.json", "tokenizer.model", "*.jinja", "*.txt", "*.tiktoken"]
 
 
 def resolve_model(model: str | Path | None) -> Path:
@@ -38,16 +39,27 @@ def resolve_model(model: str | Path | None) -> Path:
 
 
 def _download(repo_id: str) -> Path:
+    """Metadata and model.safetensors first; the index's shards only without it (transformers' order).
+
+    Never every *.safetensors: repos also carry copies such as consolidated.safetensors.
+    """
+    from .weights import INDEX_FILE, SINGLE_FILE, read_weight_map
+
+    path = _snapshot(repo_id, [*_HUB_PATTERNS, SINGLE_FILE])
+    if not (path / "config.json").is_file():
+        raise LlmquantError(f"hub repo {repo_id!r} has no config.json")
+    if not (path / SINGLE_FILE).is_file() and (path / INDEX_FILE).is_file():
+        path = _snapshot(repo_id, [*_HUB_PATTERNS, *sorted(set(read_weight_map(path / INDEX_FILE).values()))])
+    return path
+
+
+def _snapshot(repo_id: str, patterns: list[str]) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        local = snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS)
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as exc:  # network, auth, missing repo: all mean "cannot get it"
         raise LlmquantError(f"cannot fetch model {repo_id!r} from the Hugging Face hub: {_hub_reason(exc)}") from None
-    path = Path(local)
-    if not (path / "config.json").is_file():
-        raise LlmquantError(f"hub repo {repo_id!r} has no config.json")
-    return path
 
 
 def _hub_reason(exc: Exception) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from ..errors import LlmquantError
 # safetensors dtype -> bytes per element; these are the ones a float model uses
 _FLOAT_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
 _NUMPY_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<i2", "F64": "<f8"}
+SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)
@@ -42,24 +44,32 @@ class WeightStore:
         self.entries: dict[str, TensorEntry] = {}
         for f in files:
             for entry in _read_header(f):
+                other = self.entries.get(entry.name)
+                if other is not None:
+                    raise LlmquantError(f"tensor {entry.name} is in both {other.file.name} and {f.name}; "
+                                        "which one the model means is ambiguous")
                 self.entries[entry.name] = entry
 
     @staticmethod
     def _shard_files(model_dir: Path) -> list[Path]:
-        index = model_dir / "model.safetensors.index.json"
+        """The files transformers would load: model.safetensors, else the shards its index names."""
+        single, index = model_dir / SINGLE_FILE, model_dir / INDEX_FILE
+        if single.is_file():
+            others = sorted(p.name for p in model_dir.glob("*.safetensors") if p.name != SINGLE_FILE)
+            if others and not index.is_file():
+                warnings.warn(f"ignoring {', '.join(others[:3])}{' ...' if len(others) > 3 else ''} in {model_dir}: "
+                              f"without {INDEX_FILE}, transformers reads only {SINGLE_FILE}", stacklevel=3)
+            return [single]
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, KeyError, json.JSONDecodeError) as exc:
-                raise LlmquantError(f"cannot read {index}: {exc}") from None
-            files = sorted({model_dir / f for f in weight_map.values()})
+            files = sorted({model_dir / f for f in read_weight_map(index).values()})
             missing = [f.name for f in files if not f.is_file()]
             if missing:
                 raise LlmquantError(f"{index.name} names missing shard(s): {', '.join(missing[:3])}")
             return files
-        files = sorted(model_dir.glob("*.safetensors"))
-        if files:
-            return files
+        found = sorted(p.name for p in model_dir.glob("*.safetensors"))
+        if found:
+            raise LlmquantError(f"{model_dir} has {', '.join(found[:3])} but neither {SINGLE_FILE} nor {INDEX_FILE}: "
+                                "transformers would not load it either")
         other = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt*")]
         hint = f" (found {other[0]}: convert it to safetensors first)" if other else ""
         raise LlmquantError(f"no safetensors weights in {model_dir}{hint}")
@@ -69,6 +79,14 @@ class WeightStore:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name].shape
+
+    def same_values(self, a: str, b: str, rows: int = 4096) -> bool:
+        """Whether two tensors hold the same values (read by row chunks, never whole)."""
+        if a not in self.entries or b not in self.entries or self.shape(a) != self.shape(b):
+            return False
+        n = self.shape(a)[0] if self.shape(a) else 1
+        return all(torch.equal(self.get_rows(a, i, min(i + rows, n)), self.get_rows(b, i, min(i + rows, n)))
+                   for i in range(0, n, rows))
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor as float32 (a fresh copy, safe to modify)."""
@@ -107,6 +125,19 @@ class WeightStore:
         if not torch.isfinite(t).all():
             raise LlmquantError(f"tensor {name} holds NaN or Inf values; refusing to quantize it")
         return t
+
+
+def read_weight_map(index: Path) -> dict[str, str]:
+    """The index's tensor name -> shard file map, or a one-line error."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, UnicodeDecodeError, KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise LlmquantError(f"cannot read {index}: {exc}") from None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) and v.endswith(".safetensors") and not Path(v).is_absolute() and ".." not in Path(v).parts
+            for v in weight_map.values()):
+        raise LlmquantError(f"{index}: weight_map must map tensor names to .safetensors files inside the folder")
+    return weight_map
 
 
 def _read_header(path: Path) -> list[TensorEntry]:

@@ -9,6 +9,9 @@ an architecture name; they read a spec.
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -35,6 +38,58 @@ def config_int(config: dict, key: str, default: int | None = None) -> int:
 
 
 @dataclass(frozen=True)
+class ConfigKey:
+    """What one config.json key a spec reads must hold."""
+
+    kind: type  # int, float, bool, str, dict or list
+    required: bool = False
+    nullable: bool = False  # null has a meaning (transformers' default), as absent
+    low: float | None = None  # smallest allowed value (numbers)
+    above: bool = False  # low itself is excluded (rms_norm_eps > 0)
+
+    def expected(self) -> str:
+        if self.kind is int:
+            return {1: "a positive integer", 0: "a whole number >= 0"}.get(self.low, "an integer")
+        if self.kind is float:
+            return "a positive number" if self.low == 0 and self.above else "a number"
+        return {bool: "true or false", str: "a string", dict: "an object", list: "a list"}[self.kind]
+
+    def accepts(self, value) -> bool:
+        if isinstance(value, bool) or self.kind is bool:
+            return isinstance(value, bool) and self.kind is bool
+        if self.kind in (int, float):
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                return False
+            if self.kind is int and not float(value).is_integer():
+                return False
+            return self.low is None or (value > self.low if self.above else value >= self.low)
+        return isinstance(value, self.kind)
+
+
+def check_config(config: dict, keys: dict[str, ConfigKey]) -> None:
+    """Every key a spec reads against its rule, once, before any work: one line naming the key."""
+    for key, rule in keys.items():
+        if key not in config:
+            if rule.required:
+                raise LlmquantError(f"config.json has no {key}")
+            continue
+        value = config[key]
+        if value is None and rule.nullable:
+            continue
+        if value is None or not rule.accepts(value):
+            shown = json.dumps(value) if _jsonable(value) else repr(value)
+            raise LlmquantError(f"config.json has {key}={shown}; expected {rule.expected()}")
+
+
+def _jsonable(value) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """Layout of one HF decoder family and its GGUF twin."""
 
@@ -56,6 +111,23 @@ class ArchSpec:
     permute_rows: dict[str, str] = field(default_factory=dict)
     # config -> shape (HF layout) that config.json implies for each layer tensor, by relative name
     layer_shapes: ShapeRule | None = None
+    # checkpoint tensors deliberately not written: (regex on the full name, why); any other tensor
+    # of the checkpoint that the layout does not hold stops the run
+    skipped_tensors: tuple[tuple[str, str], ...] = ()
+    # config -> None, or a one-line error naming a config feature llama.cpp would not compute
+    check_features: Callable[[dict], None] | None = None
+    # every config.json key the spec (and the plan built from it) reads, with what it must hold
+    config_keys: dict[str, ConfigKey] = field(default_factory=dict)
+
+    def check_config(self, config: dict) -> None:
+        """The config's keys against ``config_keys``, then the features llama.cpp must compute."""
+        check_config(config, self.config_keys)
+        if self.check_features:
+            self.check_features(config)
+
+    def skip_reason(self, hf_name: str) -> str | None:
+        """Why the spec leaves this checkpoint tensor out of the file, or None if it does not."""
+        return next((why for pattern, why in self.skipped_tensors if re.fullmatch(pattern, hf_name)), None)
 
     @property
     def gguf_name(self) -> str:
@@ -111,6 +183,8 @@ def register(spec: ArchSpec) -> ArchSpec:
 def get_arch(config: dict) -> ArchSpec:
     """The spec for a config's ``architectures[0]``, or a one-line error."""
     archs = config.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise LlmquantError(f"config.json has architectures={json.dumps(archs)}; expected a list of class names")
     name = archs[0] if archs else config.get("model_type", "?")
     try:
         return _REGISTRY[name]

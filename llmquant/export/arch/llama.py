@@ -1,39 +1,93 @@
-"""Llama family (Llama 2/3, SmolLM, Mistral without sliding window) and Qwen2.
+"""Llama family (Llama 2/3, SmolLM, Mistral) and Qwen2.
 
 Both share llama.cpp's llama-style block; Llama uses interleaved RoPE, so
 llama.cpp wants q/k rows permuted; Qwen2 uses NeoX RoPE and q/k/v biases.
+llama.cpp's llama also reads the optional o_proj and MLP biases
+(``attention_bias``, ``mlp_bias``); its qwen2 reads q/k/v biases only. Neither
+has sliding-window attention: a Mistral or Qwen2 config with a window gets a
+file that declares the window as its context, within which full causal
+attention is exactly the sliding one.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
+from collections.abc import Callable
+
 import gguf
 
 from ...errors import LlmquantError
-from .base import ArchSpec, config_int, register
+from .base import ArchSpec, ConfigKey, config_int, register
 
 
 def rope_theta(cfg: dict) -> float:
+    """From rope_parameters (transformers 5) or the top-level key; a non-number is refused by name."""
     params = cfg.get("rope_parameters") or {}
-    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)) if isinstance(params, dict)
+                 else cfg.get("rope_theta", 10000.0))
 
 
-def _rope_scaling(w: gguf.GGUFWriter, cfg: dict) -> None:
-    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+def check_llama_features(cfg: dict) -> None:
+    """Refuse, by name, what llama.cpp's llama/qwen2 graph would not compute as transformers does."""
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise LlmquantError(f"config.json has hidden_act={act!r}; llama.cpp's llama block computes silu only")
+    _rope_scaling(None, cfg)
+
+
+def _rope_scaling(w: gguf.GGUFWriter | None, cfg: dict) -> None:
+    """Write the rope scaling (w None: only check that it is one llmquant carries)."""
+    key = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
+    params = cfg.get(key) or {}
+    if not isinstance(params, dict):
+        raise LlmquantError(f"config.json has {key}={params!r}; expected an object")
+    theta = params.get("rope_theta")
+    if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta < float("inf")):
+        raise LlmquantError(f"config.json has {key}.rope_theta={theta!r}; expected a positive number")
     kind = params.get("rope_type", params.get("type", "default"))
     if kind in (None, "default"):
         return
     if kind == "linear":
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(float(params["factor"]))
+        factor = params.get("factor")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < float("inf"):
+            raise LlmquantError(f"config.json has a linear {key} with factor={factor!r}; expected a positive number")
+        if w is not None:
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(factor))
         return
     raise LlmquantError(f"rope scaling type {kind!r} is not supported yet")
 
 
-def write_llama_hparams(w: gguf.GGUFWriter, cfg: dict) -> None:
+def mistral_window(cfg: dict) -> int | None:
+    """MistralForCausalLM applies ``sliding_window`` in every layer when it is set."""
+    return None if cfg.get("sliding_window") is None else config_int(cfg, "sliding_window")
+
+
+def qwen2_window(cfg: dict) -> int | None:
+    """Qwen2ForCausalLM: a window only in the layers ``layer_types`` marks sliding (from
+    ``use_sliding_window`` and ``max_window_layers`` in older configs)."""
+    types = cfg.get("layer_types")
+    if isinstance(types, list):
+        sliding = "sliding_attention" in types
+    else:
+        first = cfg.get("max_window_layers") or 0  # checked by the spec's config_keys
+        sliding = bool(cfg.get("use_sliding_window")) and first < config_int(cfg, "num_hidden_layers")
+    return config_int(cfg, "sliding_window") if sliding and cfg.get("sliding_window") is not None else None
+
+
+def write_llama_hparams(w: gguf.GGUFWriter, cfg: dict, window: Callable[[dict], int | None] | None = None) -> None:
     n_head = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
     head_dim = int(cfg.get("head_dim") or hidden // n_head)
-    w.add_context_length(int(cfg.get("max_position_embeddings", 2048)))
+    context = int(cfg.get("max_position_embeddings", 2048))
+    span = window(cfg) if window else None
+    if span is not None and span < context:
+        warnings.warn(f"sliding_window={span}: llama.cpp has no sliding-window attention for this architecture; "
+                      f"the file declares a context of {span} tokens (not max_position_embeddings={context}), "
+                      "within which it computes exactly what transformers does", stacklevel=2)
+        context = span
+    w.add_context_length(context)
     w.add_embedding_length(hidden)
     w.add_block_count(int(cfg["num_hidden_layers"]))
     w.add_feed_forward_length(int(cfg["intermediate_size"]))
@@ -63,6 +117,14 @@ _LAYER = (
     "mlp.up_proj.weight",
     "mlp.down_proj.weight",
 )
+# llama.cpp's llama (not its qwen2) also reads the o_proj and MLP biases: attention_bias, mlp_bias
+_LLAMA_LAYER = (
+    *_LAYER[:8], "self_attn.o_proj.bias", _LAYER[8],
+    "mlp.gate_proj.weight", "mlp.gate_proj.bias", "mlp.up_proj.weight", "mlp.up_proj.bias",
+    "mlp.down_proj.weight", "mlp.down_proj.bias",
+)
+# old checkpoints store RoPE's inverse frequencies; llama.cpp computes them from rope_theta, as transformers does
+_SKIPPED = ((r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", "RoPE frequencies, recomputed from rope_theta"),)
 
 
 def llama_layer_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
@@ -83,14 +145,18 @@ def llama_layer_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
         "self_attn.v_proj.weight": (kv, hidden),
         "self_attn.v_proj.bias": (kv,),
         "self_attn.o_proj.weight": (hidden, q),
+        "self_attn.o_proj.bias": (hidden,),
         "post_attention_layernorm.weight": (hidden,),
         "mlp.gate_proj.weight": (ff, hidden),
+        "mlp.gate_proj.bias": (ff,),
         "mlp.up_proj.weight": (ff, hidden),
+        "mlp.up_proj.bias": (ff,),
         "mlp.down_proj.weight": (hidden, ff),
+        "mlp.down_proj.bias": (hidden,),
     }
 
 
-_BIASES = frozenset(t for t in _LAYER if t.endswith(".bias"))
+_BIASES = frozenset(t for t in _LLAMA_LAYER if t.endswith(".bias"))
 _SMOOTH = {
     "self_attn.q_proj": "input_layernorm",
     "self_attn.o_proj": "self_attn.v_proj",
@@ -104,29 +170,60 @@ _GROUPS = (
     ("mlp.down_proj",),
 )
 
-LLAMA = register(
-    ArchSpec(
-        hf_architectures=("LlamaForCausalLM", "MistralForCausalLM"),
-        gguf_arch=gguf.MODEL_ARCH.LLAMA,
-        write_hparams=write_llama_hparams,
-        layer_tensors=_LAYER,
-        optional_layer_tensors=_BIASES,
-        sequential_groups=_GROUPS,
-        smooth_from=_SMOOTH,
-        permute_rows={"self_attn.q_proj": "num_attention_heads", "self_attn.k_proj": "num_key_value_heads"},
-        layer_shapes=llama_layer_shapes,
-    )
+_POSITIVE = ConfigKey(int, low=1)
+_CONFIG_KEYS = {
+    "vocab_size": ConfigKey(int, required=True, low=1),
+    "hidden_size": ConfigKey(int, required=True, low=1),
+    "num_hidden_layers": ConfigKey(int, required=True, low=1),
+    "num_attention_heads": ConfigKey(int, required=True, low=1),
+    "intermediate_size": ConfigKey(int, required=True, low=1),
+    "num_key_value_heads": ConfigKey(int, nullable=True, low=1),  # null: one per attention head
+    "head_dim": ConfigKey(int, nullable=True, low=1),  # null: hidden_size / num_attention_heads
+    "max_position_embeddings": _POSITIVE,
+    "rms_norm_eps": ConfigKey(float, low=0, above=True),
+    "rope_theta": ConfigKey(float, low=0, above=True),
+    "rope_parameters": ConfigKey(dict, nullable=True),
+    "rope_scaling": ConfigKey(dict, nullable=True),
+    "tie_word_embeddings": ConfigKey(bool),
+    "hidden_act": ConfigKey(str),
+    "attention_bias": ConfigKey(bool),
+    "mlp_bias": ConfigKey(bool),
+    "sliding_window": ConfigKey(int, nullable=True, low=1),
+    "use_sliding_window": ConfigKey(bool),
+    "max_window_layers": ConfigKey(int, nullable=True, low=0),
+    "layer_types": ConfigKey(list, nullable=True),
+}
+
+_LLAMA_FAMILY = dict(
+    gguf_arch=gguf.MODEL_ARCH.LLAMA,
+    layer_tensors=_LLAMA_LAYER,
+    optional_layer_tensors=_BIASES,
+    sequential_groups=_GROUPS,
+    smooth_from=_SMOOTH,
+    permute_rows={"self_attn.q_proj": "num_attention_heads", "self_attn.k_proj": "num_key_value_heads"},
+    layer_shapes=llama_layer_shapes,
+    skipped_tensors=_SKIPPED,
+    check_features=check_llama_features,
+    config_keys=_CONFIG_KEYS,
 )
+
+LLAMA = register(ArchSpec(hf_architectures=("LlamaForCausalLM",), write_hparams=write_llama_hparams, **_LLAMA_FAMILY))
+
+MISTRAL = register(ArchSpec(hf_architectures=("MistralForCausalLM",),
+                            write_hparams=functools.partial(write_llama_hparams, window=mistral_window), **_LLAMA_FAMILY))
 
 QWEN2 = register(
     ArchSpec(
         hf_architectures=("Qwen2ForCausalLM",),
         gguf_arch=gguf.MODEL_ARCH.QWEN2,
-        write_hparams=write_llama_hparams,
+        write_hparams=functools.partial(write_llama_hparams, window=qwen2_window),
         layer_tensors=_LAYER,
-        optional_layer_tensors=_BIASES,
+        optional_layer_tensors=_BIASES & frozenset(_LAYER),
         sequential_groups=_GROUPS,
         smooth_from=_SMOOTH,
         layer_shapes=llama_layer_shapes,
+        skipped_tensors=_SKIPPED,
+        check_features=check_llama_features,
+        config_keys=_CONFIG_KEYS,
     )
 )
