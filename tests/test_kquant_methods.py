@@ -8,17 +8,14 @@ must be what gguf-py dequantizes from the file, bit for bit.
 
 from __future__ import annotations
 
-import gguf
-import numpy as np
 import pytest
+from exact_grid import assert_file_holds
 from test_awq import RecordingAWQ, RecordingAWQGPTQ
 from test_gptq_pipeline import RecordingGPTQ
 from tiny import build_tiny_model
 
 from llmquant import CalibrationConfig, quantize
-from llmquant.export.arch import get_arch
 from llmquant.generate import generate
-from llmquant.loading.source import read_config
 
 CALIB = CalibrationConfig(samples=4, seqlen=128)
 K_TYPES = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
@@ -31,15 +28,7 @@ def tiny_k(smollm2_dir, tmp_path_factory):
 
 
 def _check_file(model, out, method, report, qtype):
-    config = read_config(model)
-    spec = get_arch(config)
-    by_name = {t.name: t for t in gguf.GGUFReader(out).tensors}
-    assert len([n for n in method.w_hat if n.endswith(".weight")]) == 7 * 2
-    for hf_name, w_hat in method.w_hat.items():
-        t = by_name[spec.gguf_tensor_name(hf_name, 2)]
-        assert t.tensor_type.name.lower() == qtype
-        deq = gguf.quants.dequantize(t.data.view(np.uint8), t.tensor_type)
-        assert np.array_equal(deq, spec.to_gguf_rows(hf_name, w_hat, config)), hf_name
+    assert_file_holds(model, out, method.w_hat, qtype)
     errs = [r for r in report.linears if r.err_method is not None and r.err_rtn]
     assert len(errs) == 14
     return errs
