@@ -118,9 +118,11 @@ def test_recipe_names_any_case_and_aliases():
         get_recipe("q8_K")
 
 
-@pytest.mark.parametrize("recipe", K_RECIPES)
+# together these write every k-quant type (q2_K … q6_K) and both kinds of fallback; the plan of
+# every other recipe is checked above and the bytes of every type in the format tests
+@pytest.mark.parametrize("recipe", ["q2_k", "q3_k_m", "q4_k_m", "q5_k_s"])
 def test_rtn_file_is_byte_identical_to_llama_cpp_and_runs(recipe, deep_k, tmp_path):
-    """Every recipe, whole file: the same tensor types and bytes as llama-quantize's, and it generates."""
+    """Whole file: the same tensor types and bytes as llama-quantize's, and it generates."""
     import llama_cpp
     import numpy as np
 
@@ -141,7 +143,7 @@ def test_rtn_file_is_byte_identical_to_llama_cpp_and_runs(recipe, deep_k, tmp_pa
     assert differ == []
     weights = {t.type for t in report.tensors if t.name.startswith("blk.")} - {"f32"}
     # the layer patterns and fallbacks really show: the mixtures put several types in the layers
-    assert len(weights) >= (1 if recipe in ("q3_k_s", "q5_k_s", "q6_k") else 3), weights
+    assert len(weights) >= (2 if recipe == "q5_k_s" else 3), weights
     assert report.file_size == ours.stat().st_size
     assert gguf.GGUFReader(ours).fields["general.file_type"].parts[-1][0] == int(RECIPES[recipe].file_type)
     assert generate(ours, "The capital of France is", max_tokens=4)  # loads and runs in llama.cpp
