@@ -17,6 +17,7 @@ from ggml_ref import ggml_quantize
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from kquant_checks import assert_dequant_matches, assert_same_blocks
 
 from llmquant.formats.base import QuantBlocks
 from llmquant.formats.kquant import KQuantFormat, SuperGrid
@@ -115,22 +116,6 @@ def _check_against_ggml(
     return q
 
 
-def _assert_same_blocks(a: QuantBlocks, b: QuantBlocks) -> None:
-    assert a.codes.dtype == b.codes.dtype == np.int16
-    assert np.array_equal(a.codes, b.codes)
-    for u, v in ((a.scales, b.scales), (a.mins, b.mins), (a.grid.d, b.grid.d), (a.grid.dmin, b.grid.dmin)):
-        assert u.dtype == v.dtype == np.float32 and np.array_equal(u.view(np.uint32), v.view(np.uint32))
-    for u, v in ((a.grid.sc, b.grid.sc), (a.grid.m, b.grid.m)):
-        assert np.array_equal(u, v)
-
-
-def _assert_dequant_matches(fmt: type[KQuantFormat], q: QuantBlocks) -> None:
-    ours = fmt.dequantize(q).reshape(-1, fmt.block_size)
-    theirs = gq.dequantize(fmt.pack(q), fmt.qtype).reshape(ours.shape)
-    assert ours.dtype == theirs.dtype == np.float32
-    assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32))
-
-
 def test_layout_constants():
     for name, fmt in FORMATS.items():
         assert fmt.name == name and fmt.block_size == 256 and fmt.has_min and fmt.qmin == 0
@@ -149,8 +134,8 @@ def test_rtn_matches_llama_cpp(name: str, data: str):
     n_super = x.size // 256
     assert q.codes.shape == (n_super * fmt.n_sub(), fmt.sub_size)
     assert q.grid.sc.shape == q.grid.m.shape == (n_super, fmt.n_sub())
-    _assert_same_blocks(fmt.unpack(fmt.pack(q)), q)
-    _assert_dequant_matches(fmt, q)
+    assert_same_blocks(fmt, fmt.unpack(fmt.pack(q)), q)
+    assert_dequant_matches(fmt, q)
 
 
 @pytest.mark.parametrize("zeros", [False, True], ids=["positive", "with_zero_columns"])
@@ -161,8 +146,8 @@ def test_rtn_with_imatrix_matches_llama_cpp(name: str, data: str, zeros: bool):
     x = DATASETS[data]
     im = _imatrix(x.shape[1], zeros=zeros)
     q = _check_against_ggml(fmt, x, im)
-    _assert_same_blocks(fmt.unpack(fmt.pack(q)), q)
-    _assert_dequant_matches(fmt, q)
+    assert_same_blocks(fmt, fmt.unpack(fmt.pack(q)), q)
+    assert_dequant_matches(fmt, q)
     # the imatrix path is a different quantizer: it must not silently fall back
     if data == "normal":
         assert not np.array_equal(fmt.pack(q), ggml_quantize(x, fmt.qtype))
@@ -172,12 +157,12 @@ def test_rtn_with_imatrix_matches_llama_cpp(name: str, data: str, zeros: bool):
 def test_rtn_matches_llama_cpp_on_real_ffn_down(name: str, ffn_down: np.ndarray):
     fmt = FORMATS[name]
     q = _check_against_ggml(fmt, ffn_down)
-    _assert_same_blocks(fmt.unpack(fmt.pack(q)), q)
-    _assert_dequant_matches(fmt, q)
+    assert_same_blocks(fmt, fmt.unpack(fmt.pack(q)), q)
+    assert_dequant_matches(fmt, q)
     # a column importance shaped like a real imatrix: mean squared activation proxy
     im = (np.square(ffn_down).mean(axis=0) * 1e3 + 1e-3).astype(np.float32)
     q = _check_against_ggml(fmt, ffn_down, im)
-    _assert_dequant_matches(fmt, q)
+    assert_dequant_matches(fmt, q)
     _check_against_ggml(fmt, ffn_down, _imatrix(ffn_down.shape[1], seed=11))
 
 
@@ -212,9 +197,9 @@ def test_pack_unpack_property(name: str, data):
     q = data.draw(kquant_blocks(fmt))
     packed = fmt.pack(q)
     assert packed.shape == (q.grid.d.shape[0], fmt.type_size)
-    _assert_same_blocks(fmt.unpack(packed), q)
+    assert_same_blocks(fmt, fmt.unpack(packed), q)
     assert np.array_equal(fmt.pack(fmt.unpack(packed)), packed)
-    _assert_dequant_matches(fmt, q)
+    assert_dequant_matches(fmt, q)
 
 
 @settings(max_examples=40, deadline=None)

@@ -10,13 +10,13 @@ over them would be measured against the wrong baseline.
 
 from __future__ import annotations
 
-import gguf.quants as gq
 import numpy as np
 import pytest
 from ggml_ref import ggml_quantize
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from kquant_checks import assert_dequant_matches, assert_same_blocks
 
 from llmquant.formats.base import QuantBlocks
 from llmquant.formats.kquant import KQuantFormat, SuperGrid
@@ -124,27 +124,10 @@ def _check_against_ggml(fmt: type[KQuantFormat], x: np.ndarray, imatrix: np.ndar
     return q
 
 
-def _assert_same_blocks(a: QuantBlocks, b: QuantBlocks) -> None:
-    assert a.codes.dtype == b.codes.dtype == np.int16
-    assert np.array_equal(a.codes, b.codes)
-    assert np.array_equal(a.scales.view(np.uint32), b.scales.view(np.uint32))
-    assert a.mins is None and b.mins is None
-    assert np.array_equal(a.grid.d.view(np.uint32), b.grid.d.view(np.uint32))
-    assert np.array_equal(a.grid.sc, b.grid.sc)
-    assert a.grid.dmin is None and b.grid.dmin is None
-
-
-def _assert_dequant_matches(fmt: type[KQuantFormat], q: QuantBlocks) -> None:
-    ours = fmt.dequantize(q)
-    theirs = gq.dequantize(fmt.pack(q), fmt.qtype).reshape(ours.shape)
-    assert ours.dtype == theirs.dtype == np.float32
-    assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32))
-
-
 def _assert_all_consistent(fmt: type[KQuantFormat], q: QuantBlocks) -> None:
     assert q.codes.shape[1] == 16 and q.codes.min() >= fmt.qmin and q.codes.max() <= fmt.qmax
-    _assert_same_blocks(fmt.unpack(fmt.pack(q)), q)
-    _assert_dequant_matches(fmt, q)
+    assert_same_blocks(fmt, fmt.unpack(fmt.pack(q)), q)
+    assert_dequant_matches(fmt, q)
 
 
 def test_layout_class_vars():
@@ -238,8 +221,8 @@ def test_pack_unpack_property(name: str, data):
     q = data.draw(k_blocks(fmt))
     packed = fmt.pack(q)
     assert packed.shape == (q.grid.d.shape[0], fmt.type_size)
-    _assert_same_blocks(fmt.unpack(packed), q)
-    _assert_dequant_matches(fmt, q)
+    assert_same_blocks(fmt, fmt.unpack(packed), q)
+    assert_dequant_matches(fmt, q)
 
 
 @pytest.mark.parametrize("name", list(FORMATS))

@@ -12,13 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gguf
+import llama_cpp
 import numpy as np
 import pytest
 
 from llmquant.errors import LlmquantError
-
-gguf = pytest.importorskip("gguf")
-llama_cpp = pytest.importorskip("llama_cpp")
 
 CTX, CHUNKS = 64, 4
 
