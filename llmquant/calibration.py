@@ -29,11 +29,13 @@ def calibration_tokens(model_dir: Path, cfg: CalibrationConfig) -> torch.Tensor:
     """Token ids [n, seqlen] from the calibration text (never the evaluation part)."""
     from transformers import AutoTokenizer
 
+    from .quiet import quiet_transformers
     from .text import load_text
 
     text = load_text(cfg.text_file, cfg.dataset, "calib")
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    with quiet_transformers():  # no "sequence longer than the model's maximum" line: windows are cut below
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     available = ids.numel() // cfg.seqlen
     if available == 0:
         raise LlmquantError(

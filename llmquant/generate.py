@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 from pathlib import Path
 
 from .errors import LlmquantError
 from .inspect_gguf import open_gguf
-
-
-@contextlib.contextmanager
-def quiet_stderr():
-    """Silence llama.cpp's C-level logging, which ignores Python's sys.stderr."""
-    fd = os.dup(2)
-    with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(fd, 2)
-            os.close(fd)
+from .quiet import quiet_fd2
 
 
 def load_llama(path: str | Path, *, n_ctx: int = 512, threads: int = 2, **kwargs):
@@ -31,7 +17,7 @@ def load_llama(path: str | Path, *, n_ctx: int = 512, threads: int = 2, **kwargs
     except ImportError:
         raise LlmquantError("llama-cpp-python is not installed: pip install 'llmquant[llama]'") from None
     try:
-        with quiet_stderr():
+        with quiet_fd2():
             return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, verbose=False, **kwargs)
     except (ValueError, RuntimeError) as exc:
         raise LlmquantError(f"llama.cpp cannot load {path}: {exc}") from None
@@ -51,7 +37,7 @@ def generate(path: str | Path, prompt: str, *, max_tokens: int = 64, chat: bool 
     if n >= ctx:  # llama-cpp-python would fail deep inside its eval
         raise LlmquantError(f"the prompt ({n} tokens) does not fit the context of {ctx} tokens; give a larger --ctx")
     try:
-        with quiet_stderr():
+        with quiet_fd2():
             if chat:
                 out = llm.create_chat_completion(
                     messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0.0

@@ -112,9 +112,12 @@ class _HfRunner:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from ..quiet import quiet_transformers
+
         try:
-            self.tok = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            with quiet_transformers():
+                self.tok = AutoTokenizer.from_pretrained(path)
+                self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         except Exception as exc:
             raise LlmquantError(f"transformers cannot load {path}: {exc}") from exc
         self._threads = torch.get_num_threads()

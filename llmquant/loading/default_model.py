@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -62,18 +63,21 @@ def default_model_dir() -> Path:
 def _prepare(src: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"preparing the default model {DEFAULT_MODEL_NAME} into {target} (once)")
+    from ..quiet import quiet_transformers
+
+    print(f"preparing the default model {DEFAULT_MODEL_NAME} into {target} (once)", file=sys.stderr, flush=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".prep-", dir=target.parent))
     try:
-        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_NAME)
-        tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_NAME)
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.config.architectures = ["LlamaForCausalLM"]
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_NAME)
+            tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_NAME)
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.config.architectures = ["LlamaForCausalLM"]
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
         tj = tmp / "tokenizer.json"
         data = json.loads(tj.read_text())
         data["pre_tokenizer"] = _SMOLLM2_PRE_TOKENIZER
