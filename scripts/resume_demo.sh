@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# kill -9 a GPTQ run of the default model after KILL_AT layers, resume it, and compare the
+# kill -9 a run of the default model after KILL_AT layers, resume it, and compare the
 # result with an uninterrupted run byte for byte.
-#   bash scripts/resume_demo.sh [OUT_DIR] [KILL_AT]      (defaults: bench-out/resume, 15)
-# Extra quantize options can be passed in LLMQUANT_DEMO_ARGS (default: gptq, 32 x 512 calibration).
+#   bash scripts/resume_demo.sh [METHOD] [OUT_DIR] [KILL_AT] [TYPE]
+#   (defaults: gptq, bench-out/resume-METHOD, 15, q4_0; METHOD is any of `llmquant quantize --help`)
+# Other quantize options can be passed in LLMQUANT_DEMO_ARGS (default: 32 x 512 calibration).
 set -euo pipefail
-out=${1:-bench-out/resume}
-kill_at=${2:-15}
+method=${1:-gptq}
+out=${2:-bench-out/resume-$method}
+kill_at=${3:-15}
+qtype=${4:-q4_0}
 llmquant=${LLMQUANT:-.venv/bin/llmquant}
-read -r -a args <<< "${LLMQUANT_DEMO_ARGS:---type q4_0 --method gptq --calib-samples 32 --threads 2 --quiet}"
+read -r -a extra <<< "${LLMQUANT_DEMO_ARGS:---calib-samples 32 --threads 2}"
+args=(--type "$qtype" --method "$method" --quiet "${extra[@]}")
+echo "== $method, $qtype: ${args[*]}"
 mkdir -p "$out"
 rm -rf "$out"/whole.gguf "$out"/resumed.gguf "$out"/resumed.gguf.llmquant-work
 
