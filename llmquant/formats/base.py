@@ -9,6 +9,12 @@ exact bytes llama.cpp reads. Every quantized weight in a block is
 with ``code`` an integer in ``[qmin, qmax]`` and ``scale``/``min`` values
 that fp16 represents exactly (the file stores them as fp16), so
 ``dequantize(q)`` equals what llama.cpp computes bit for bit.
+
+The grid steps are torch, on any device (``torch_grid``): ``project`` takes
+ideal per-block scales (and mins) to the nearest ones the file stores,
+``nearest_codes`` rounds weights onto them, ``dequantize_torch`` and the
+differentiable ``fake_quant`` compute the weights llama.cpp reads back.
+numpy stays at the edge: ``rtn`` (llama.cpp's searches), ``pack``/``unpack``.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from . import torch_grid
+from .torch_grid import Projection
 
 if TYPE_CHECKING:
     from .kquant import SuperGrid
@@ -99,19 +108,60 @@ class BlockFormat:
 
     @classmethod
     def dequantize(cls, q: QuantBlocks) -> np.ndarray:
-        """QuantBlocks -> float32 [n_blocks, sub_size], as llama.cpp computes it."""
-        # Same float32 operations, in the same order, as ggml's dequantize_row_*:
-        # one rounding for the product, one for the sum (no fused multiply-add).
-        w = q.codes.astype(np.float32) * q.scales.astype(np.float32, copy=False)[:, None]
-        if q.mins is not None:
-            w = w + q.mins.astype(np.float32, copy=False)[:, None]
-        return w
+        """QuantBlocks -> float32 [n_blocks, sub_size], as llama.cpp computes it (``dequantize_torch``)."""
+        mins = None if q.mins is None else as_torch(q.mins, np.float32)
+        return cls.dequantize_torch(as_torch(q.codes), as_torch(q.scales, np.float32), mins).numpy()
+
+    @classmethod
+    def dequantize_torch(cls, codes: torch.Tensor, scales: torch.Tensor,
+                         mins: torch.Tensor | None = None) -> torch.Tensor:
+        """codes [..., n, sub_size] on grids scales, mins [..., n] (the flat view) -> weights [..., n, sub_size].
+
+        Any device, differentiable in scales and mins; the same float32
+        operations in the same order as ggml's dequantize_row_*: one rounding for
+        the product, one for the sum (no fused multiply-add).
+        """
+        return torch_grid.dequantize(codes, scales, mins)
+
+    @classmethod
+    def project(cls, scales: torch.Tensor, mins: torch.Tensor | None = None,
+                importance: torch.Tensor | None = None, *, saturate: bool = True) -> Projection:
+        """Ideal per-block scales (and mins) [n] -> the nearest ones the file stores, any device.
+
+        Legacy types store each block's scale and min as fp16: round each to
+        nearest (ties to even); ``importance`` does not change a per-value
+        rounding and is ignored. saturate: clamp to the largest finite fp16
+        (llama.cpp's quantizer stores inf past it: ``saturate=False``).
+        """
+        cls._check_mins(mins)
+        return Projection(scales=torch_grid.f16_round(scales, saturate),
+                          mins=None if mins is None else torch_grid.f16_round(mins, saturate))
+
+    @classmethod
+    def blocks(cls, codes: torch.Tensor, p: Projection) -> QuantBlocks:
+        """Codes (n·sub_size values, block major) on a projection -> the numpy QuantBlocks pack takes."""
+        return QuantBlocks(codes=codes.detach().to("cpu", torch.int16).reshape(-1, cls.sub_size).numpy(),
+                           scales=p.scales.detach().to("cpu", torch.float32).numpy(),
+                           mins=None if p.mins is None else p.mins.detach().to("cpu", torch.float32).numpy())
+
+    @classmethod
+    def fake_quant(cls, W: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None = None,
+                   importance: torch.Tensor | None = None, *, project: bool = True,
+                   lsq: bool = False) -> torch.Tensor:
+        """W [rows, cols] -> its weights on this grid, differentiable: ``torch_grid.fake_quant``."""
+        return torch_grid.fake_quant(cls, W, scales, mins, importance, project=project, lsq=lsq)
+
+    @classmethod
+    def _check_mins(cls, mins: torch.Tensor | None) -> None:
+        if (mins is not None) != cls.has_min:
+            raise ValueError(f"{cls.name}: mins must be {'given' if cls.has_min else 'None'}")
 
     @classmethod
     def nearest_codes(cls, x: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None = None) -> torch.Tensor:
         """The one definition of "nearest code": ``clip(round((x - mins) / scales), qmin, qmax)``.
 
-        Ties round half to even (``torch.round``); code 0 wherever ``scales == 0``;
+        Ties round half to even (``torch.round``); code 0 (never -0.0) wherever it rounds to 0
+        or ``scales == 0``;
         torch broadcasting (pass ``scales[..., None]`` for per-block grids), any
         device, float codes of x's dtype. This is round-to-nearest on the grid that
         llama.cpp dequantizes with (the fp16 scale, or a k-quant's effective
@@ -121,7 +171,9 @@ class BlockFormat:
         """
         v = x if mins is None else x - mins
         c = torch.round(v / scales).clamp_(cls.qmin, cls.qmax)
-        return torch.where(scales == 0, torch.zeros((), dtype=c.dtype, device=c.device), c)
+        # + 0: an integer code has no sign of zero (round(-0.3) is -0.0, and -0.0 · d
+        # would not be the 0 · d that llama.cpp computes from the packed code)
+        return torch.where(scales == 0, torch.zeros((), dtype=c.dtype, device=c.device), c) + 0.0
 
     @classmethod
     def check(cls, q: QuantBlocks) -> None:
@@ -140,9 +192,16 @@ class BlockFormat:
                 raise ValueError(f"{cls.name}: scales/mins must be [n] and exactly representable in fp16")
 
 
+def as_torch(a: np.ndarray, dtype: type | None = None) -> torch.Tensor:
+    """A numpy array as a CPU tensor (shared memory where numpy allows it, a copy where read-only)."""
+    a = np.ascontiguousarray(a, dtype=dtype)
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
 def f16_exact(values: np.ndarray) -> np.ndarray:
-    """``values`` rounded to fp16 (nearest-even, as GGML_FP32_TO_FP16), as float32."""
-    return np.asarray(values, dtype=np.float32).astype(np.float16).astype(np.float32)
+    """``values`` rounded to fp16 (nearest-even, as GGML_FP32_TO_FP16, inf past fp16's range), as float32."""
+    a = np.array(values, dtype=np.float32)  # a copy: torch shares it
+    return torch_grid.f16_round(torch.from_numpy(a), saturate=False).numpy()
 
 
 def f16_bytes(values: np.ndarray) -> np.ndarray:

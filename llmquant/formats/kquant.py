@@ -13,6 +13,12 @@ against and what ``dequantize`` multiplies with) and the stored integers in
 ``grid`` (what ``pack`` writes). ``make`` derives the flat view from the grid,
 so the two can never disagree, and ``check`` refuses blocks where they do.
 
+Each type's ``rtn`` is llama.cpp's quantizer in two steps: ``search`` (the
+per-sub-block scale/min searches, numpy) gives ideal float scales, and
+``project`` (torch, any device) turns them into the stored ``d``, ``sc``
+(``dmin``, ``m``) exactly as llama.cpp does; a method that chooses its own
+ideal scales (tuning, GPTQ) projects them with the same function.
+
 Layout per type (``sub_size``, code range, sub-scale range, min):
 
     q2_K  16  [0, 3]     sc, m in [0, 15]   yes
@@ -28,8 +34,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
+import torch
 
-from .base import BlockFormat, QuantBlocks, f16_exact
+from .base import BlockFormat, QuantBlocks, as_torch, f16_exact
+from .torch_grid import Projection, flat_view
 
 QK_K = 256
 
@@ -50,6 +58,26 @@ class SuperGrid:
     m: np.ndarray | None = None
 
 
+@dataclass(frozen=True)
+class Ideal:
+    """A k-quant search's result for N sub-blocks, before its projection onto the stored grid.
+
+    levels:  int16 [N, sub] the search's codes (kept where the stored scale is 0)
+    scales:  float32 [N] ideal sub-block scales
+    mins:    float32 [N] ideal additive sub-block mins (w = s·code + min), None for symmetric types
+    weights: float32 [N] each sub-block's total search weight (imatrix path), or None
+    """
+
+    levels: np.ndarray
+    scales: np.ndarray
+    mins: np.ndarray | None = None
+    weights: np.ndarray | None = None
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(scales, mins, weights) as CPU tensors, the arguments of ``project``."""
+        return tuple(None if v is None else as_torch(v, np.float32) for v in (self.scales, self.mins, self.weights))
+
+
 class KQuantFormat(BlockFormat):
     """Base of q2_K … q6_K. Subclasses set the layout ClassVars and implement
     ``rtn``, ``pack`` and ``unpack`` (vectorized over all super-blocks)."""
@@ -66,11 +94,50 @@ class KQuantFormat(BlockFormat):
     @classmethod
     def flat(cls, grid: SuperGrid) -> tuple[np.ndarray, np.ndarray | None]:
         """Effective float32 scale and min per sub-block, [n·n_sub] each, as ggml computes them."""
-        scales = (grid.d.astype(np.float32)[:, None] * grid.sc.astype(np.float32)).reshape(-1)
-        if grid.m is None:
-            return scales, None
-        mins = -(grid.dmin.astype(np.float32)[:, None] * grid.m.astype(np.float32)).reshape(-1)
-        return scales, mins
+        has_min = grid.m is not None
+        scales, mins = flat_view(as_torch(grid.d, np.float32), as_torch(grid.sc),
+                                 as_torch(grid.dmin, np.float32) if has_min else None,
+                                 as_torch(grid.m) if has_min else None)
+        return scales.numpy(), None if mins is None else mins.numpy()
+
+    @classmethod
+    def project(cls, scales: torch.Tensor, mins: torch.Tensor | None = None,
+                importance: torch.Tensor | None = None, *, saturate: bool = True) -> Projection:
+        """Ideal sub-block scales (and mins) [n·n_sub], super-block major -> the nearest stored grid.
+
+        The super-block's fp16 ``d`` (and ``dmin``) and the integer sub-scales
+        (and sub-mins) under it, chosen exactly as llama.cpp's quantizer turns its
+        search's scales into stored ones: without ``importance`` from the largest
+        sub-scale, with it (float32 [n·n_sub], the weight of each sub-block, what
+        llama.cpp's imatrix path sums per sub-block) by its weighted fit where the
+        type has one. mins are additive like the flat view's (w = s·code + min), so
+        a k-quant's stored ``m`` comes from ``−min``. Any device; returns the flat
+        view (``flat_view`` of the grid) with the grid. saturate: see
+        ``BlockFormat.project``.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def _projection(cls, d: torch.Tensor, sc: torch.Tensor, dmin: torch.Tensor | None = None,
+                    m: torch.Tensor | None = None) -> Projection:
+        scales, mins = flat_view(d, sc, dmin, m)
+        return Projection(scales=scales, mins=mins, d=d, sc=sc, dmin=dmin, m=m)
+
+    @classmethod
+    def _sub_rows(cls, v: torch.Tensor) -> torch.Tensor:
+        """[n·n_sub] -> float32 [n, n_sub] (one row per super-block)."""
+        if v.numel() % cls.n_sub():
+            raise ValueError(f"{cls.name}: {v.numel()} sub-block values are not whole super-blocks")
+        return v.to(torch.float32).reshape(-1, cls.n_sub())
+
+    @classmethod
+    def blocks(cls, codes: torch.Tensor, p: Projection) -> QuantBlocks:
+        def cpu(t, dtype):
+            return None if t is None else t.detach().to("cpu", dtype).numpy()
+
+        grid = SuperGrid(d=cpu(p.d, torch.float32), sc=cpu(p.sc, torch.int16), dmin=cpu(p.dmin, torch.float32),
+                         m=cpu(p.m, torch.int16))
+        return cls.make(cpu(codes, torch.int16), grid)
 
     @classmethod
     def make(cls, codes: np.ndarray, grid: SuperGrid) -> QuantBlocks:

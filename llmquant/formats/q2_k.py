@@ -11,11 +11,14 @@ files are byte-identical with ``llama-quantize``'s.
 from __future__ import annotations
 
 import numpy as np
+import torch
 from gguf import GGMLQuantizationType
 
-from .base import QuantBlocks, f16_bytes, f16_exact, f16_from_bytes
-from .kquant import QK_K, KQuantFormat, SuperGrid, nearest_int
-from .qkx_search import F32, make_qkx_quants, make_qp_quants, requantize, row_sum, running_max
+from . import torch_grid as tg
+from .base import QuantBlocks, f16_bytes, f16_from_bytes
+from .kquant import QK_K, Ideal, KQuantFormat, SuperGrid
+from .qkx_search import F32, make_qkx_quants, requantize, row_sum
+from .torch_grid import Projection
 
 # block_q2_K, 84 bytes:
 #
@@ -51,40 +54,66 @@ class Q2_K(KQuantFormat, qtype=GGMLQuantizationType.Q2_K):
     m_max = 15
 
     @classmethod
-    def rtn(cls, blocks: np.ndarray, importance: np.ndarray | None = None) -> QuantBlocks:
-        """float32 [n, 256] (and importance float32 [n, 256], the imatrix of
-        each super-block's columns) -> QuantBlocks of n·16 sub-blocks."""
+    def search(cls, blocks: np.ndarray, importance: np.ndarray | None = None) -> Ideal:
+        """llama.cpp's per-sub-block scale/min search, before the 4-bit projection.
+
+        blocks: float32 [n, 256]; importance: float32 [n, 256], the imatrix of each
+        super-block's columns, or None (``quantize_row_q2_K_ref``: |x|-weighted
+        absolute error; with it ``quantize_row_q2_K_impl``: weighted squared error).
+        """
         x = np.asarray(blocks, dtype=F32).reshape(-1, QK_K)
         n = x.shape[0]
         xs = x.reshape(n * 16, 16)
         if importance is None:
-            levels, scales, mins = make_qkx_quants(xs, np.abs(xs), 3, -0.5, 0.1, 15, True)
-            scales, mins = scales.reshape(n, 16), mins.reshape(n, 16)
-            max_scale, max_min = running_max(scales), running_max(mins)
-            has_s, has_m = (max_scale > 0)[:, None], (max_min > 0)[:, None]
-            with np.errstate(divide="ignore", invalid="ignore"):  # 15/0 where C skips the block
-                byte = np.where(has_s, nearest_int(F32(15) / max_scale[:, None] * scales) & 0xFF, 0)
-                byte = byte | np.where(has_m, (nearest_int(F32(15) / max_min[:, None] * mins) << 4) & 0xFF, 0)
-            d = np.where(max_scale > 0, f16_exact(max_scale / F32(15)), F32(0))
-            dmin = np.where(max_min > 0, f16_exact(max_min / F32(15)), F32(0))
+            levels, scales, the_min = make_qkx_quants(xs, np.abs(xs), 3, -0.5, 0.1, 15, True)
+            return Ideal(levels, scales, -the_min)
+        qw = np.asarray(importance, dtype=F32)
+        if qw.shape != x.shape:
+            raise ValueError(f"{cls.name}: importance must be [{n}, 256] like the blocks, not {qw.shape}")
+        qw = qw.reshape(n * 16, 16)
+        sigma2 = row_sum((x * x).T) / F32(QK_K)
+        weights = qw * np.sqrt(np.repeat(sigma2, 16)[:, None] + xs * xs)
+        levels, scales, the_min = make_qkx_quants(xs, weights, 3, -0.9, 0.05, 36, False)
+        return Ideal(levels, scales, -the_min, row_sum(weights.T))
+
+    @classmethod
+    def project(cls, scales: torch.Tensor, mins: torch.Tensor | None = None,
+                importance: torch.Tensor | None = None, *, saturate: bool = True) -> Projection:
+        """4-bit sc and m under fp16 d, dmin (see ``KQuantFormat.project``).
+
+        Without importance: ``d = max/15``, ``sc = nearest_int(15/max · s)``;
+        with it, ``make_qp_quants`` weighted by it. Negative ideal scales and
+        positive ideal mins (which unsigned sc, m cannot hold) count as 0.
+        """
+        cls._check_mins(mins)
+        s, t = cls._sub_rows(scales).clamp_min(0), cls._sub_rows(-mins).clamp_min(0)
+        if importance is None:
+            fifteen, zero = tg.const(15.0, s), tg.const(0.0, s)
+            max_s, max_m = tg.running_max(s), tg.running_max(t)
+            has_s, has_m = max_s > 0, max_m > 0
+            # C writes sc, then ORs m << 4 into the same byte
+            ls = torch.where(has_s[:, None], tg.nearest_int(fifteen / max_s[:, None] * s) & 0xFF, 0)
+            lm = torch.where(has_m[:, None], (tg.nearest_int(fifteen / max_m[:, None] * t) << 4) & 0xFF, 0)
+            byte = ls | lm
+            d = torch.where(has_s, tg.f16_round(max_s / fifteen, saturate), zero)
+            dmin = torch.where(has_m, tg.f16_round(max_m / fifteen, saturate), zero)
         else:
-            qw = np.asarray(importance, dtype=F32)
-            if qw.shape != x.shape:
-                raise ValueError(f"{cls.name}: importance must be [{n}, 256] like the blocks, not {qw.shape}")
-            qw = qw.reshape(n * 16, 16)
-            sigma2 = row_sum((x * x).T) / F32(QK_K)
-            weights = qw * np.sqrt(np.repeat(sigma2, 16)[:, None] + xs * xs)
-            sw = row_sum(weights.T).reshape(n, 16)
-            levels, scales, mins = make_qkx_quants(xs, weights, 3, -0.9, 0.05, 36, False)
-            ls, d = make_qp_quants(scales.reshape(n, 16), sw, 15)
-            lm, dmin = make_qp_quants(mins.reshape(n, 16), sw, 15)
-            byte = (ls.astype(np.int32) | (lm.astype(np.int32) << 4)) & 0xFF
-            d, dmin = f16_exact(d), f16_exact(dmin)
-        sc, m = (byte & 0x0F).astype(np.int16), (byte >> 4).astype(np.int16)
-        eff_d = (d[:, None] * sc.astype(F32)).reshape(-1)
-        eff_m = (dmin[:, None] * m.astype(F32)).reshape(-1)
-        codes = requantize(xs, levels, eff_d, eff_m, 3)
-        return cls.make(codes, SuperGrid(d=d.astype(F32), sc=sc, dmin=dmin.astype(F32), m=m))
+            w = cls._sub_rows(importance)
+            ls, d = tg.make_qp_quants(s, w, 15)
+            lm, dmin = tg.make_qp_quants(t, w, 15)
+            byte = (ls | (lm << 4)) & 0xFF
+            d, dmin = tg.f16_round(d, saturate), tg.f16_round(dmin, saturate)
+        return cls._projection(d, byte & 0x0F, dmin, byte >> 4)
+
+    @classmethod
+    def rtn(cls, blocks: np.ndarray, importance: np.ndarray | None = None) -> QuantBlocks:
+        """float32 [n, 256] (and importance float32 [n, 256], the imatrix of
+        each super-block's columns) -> QuantBlocks of n·16 sub-blocks."""
+        x = np.asarray(blocks, dtype=F32).reshape(-1, QK_K)
+        ideal = cls.search(x, importance)
+        p = cls.project(*ideal.tensors(), saturate=False)
+        codes = requantize(x.reshape(-1, 16), ideal.levels, p.scales.numpy(), (-p.mins).numpy(), 3)
+        return cls.blocks(torch.from_numpy(codes), p)
 
     @classmethod
     def pack(cls, q: QuantBlocks) -> np.ndarray:

@@ -20,11 +20,14 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
+import torch
 from gguf import GGMLQuantizationType
 
-from .base import QuantBlocks, f16_bytes, f16_exact, f16_from_bytes
-from .kquant import QK_K, KQuantFormat, SuperGrid, nearest_int, sequential_sum
-from .qx_search import as_super_blocks, make_q3_quants, make_qx_quants, requantize, signed_max
+from . import torch_grid as tg
+from .base import QuantBlocks, f16_bytes, f16_from_bytes
+from .kquant import QK_K, Ideal, KQuantFormat, SuperGrid, sequential_sum
+from .qx_search import as_super_blocks, make_q3_quants, make_qx_quants, requantize
+from .torch_grid import Projection
 
 # block_q3_K, 110 bytes:
 #
@@ -73,45 +76,58 @@ class Q3_K(KQuantFormat, qtype=GGMLQuantizationType.Q3_K):
     sc_max: ClassVar[int] = 31
 
     @classmethod
+    def search(cls, blocks: np.ndarray, importance: np.ndarray | None = None) -> Ideal:
+        """llama.cpp's per-sub-block scale search, before the 6-bit projection.
+
+        blocks: float32 [n, 256]; importance: float32 [n, 256] imatrix of each
+        column, or None (``make_q3_quants``; with it the weighted ``make_qx_quants``).
+        """
+        x = as_super_blocks(blocks)
+        n = x.shape[0]
+        if importance is None:
+            codes, scales = make_q3_quants(x.reshape(n * 16, 16), 4)
+            return Ideal(codes, scales)
+        x2 = x * x
+        sigma2 = (np.float32(2) * sequential_sum(x2)) / np.float32(QK_K)
+        weight = as_super_blocks(importance) * np.sqrt(sigma2[:, None] + x2)
+        codes, scales = make_qx_quants(x.reshape(n * 16, 16), 4, weight.reshape(n * 16, 16))
+        return Ideal(codes, scales, weights=sequential_sum(weight.reshape(n * 16, 16)))
+
+    @classmethod
+    def project(cls, scales: torch.Tensor, mins: torch.Tensor | None = None,
+                importance: torch.Tensor | None = None, *, saturate: bool = True) -> Projection:
+        """Signed 6-bit sc in [-32, 31] under an fp16 d (see ``KQuantFormat.project``).
+
+        Without importance the signed largest sub-scale lands on -32
+        (``d = max/-32``; an all-zero super-block gets d = 0, sc = -32); with it
+        a second ``make_qx_quants`` over the 16 sub-scales weighted by it.
+        """
+        cls._check_mins(mins)
+        s = cls._sub_rows(scales)
+        if importance is None:
+            _, max_s = tg.signed_max(s)
+            live = max_s != 0
+            iscale = tg.const(-32.0, s) / torch.where(live, max_s, tg.const(1.0, s))
+            l8 = tg.int8_wrap(tg.nearest_int(iscale[:, None] * s))  # C: int8_t l = nearest_int(...)
+            sc = torch.where(live[:, None], l8.clamp(-32, 31), -32)
+            d = torch.where(live, tg.f16_round(tg.const(1.0, s) / iscale, saturate), tg.const(0.0, s))
+        else:
+            sc, d = tg.make_qx_quants(s, 32, cls._sub_rows(importance))
+            d = tg.f16_round(d, saturate)
+        return cls._projection(d, sc)
+
+    @classmethod
     def rtn(cls, blocks: np.ndarray, importance: np.ndarray | None = None) -> QuantBlocks:
         """blocks: float32 [n, 256]; importance: float32 [n, 256] imatrix of each column, or None.
 
         -> QuantBlocks of n·16 sub-blocks, byte-identical with ``ggml_quantize_chunk``.
+        Every weight is re-rounded on the final grid ``d·sc``.
         """
         x = as_super_blocks(blocks)
-        if importance is None:
-            d, sc, codes = cls._grid_ref(x)
-        else:
-            d, sc, codes = cls._grid_impl(x, as_super_blocks(importance))
-        codes = requantize(x, codes, d, sc, cls.qmin, cls.qmax)
-        return cls.make(codes, SuperGrid(d=d, sc=sc))
-
-    @classmethod
-    def _grid_ref(cls, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        n = x.shape[0]
-        codes, scales = make_q3_quants(x.reshape(n * 16, 16), 4)
-        scales = scales.reshape(n, 16)
-        _, max_scale = signed_max(scales)
-        live = max_scale != 0
-        iscale = (np.float32(-32) / np.where(live, max_scale, np.float32(1))).astype(np.float32)
-        with np.errstate(invalid="ignore"):
-            # C: int8_t l = nearest_int(...), then MAX(-32, MIN(31, l))
-            l8 = nearest_int(iscale[:, None] * scales).astype(np.int8)
-        sc = np.where(live[:, None], np.clip(l8, -32, 31), -32).astype(np.int16)
-        with np.errstate(divide="ignore"):
-            d = np.where(live, f16_exact(np.float32(1) / iscale), np.float32(0)).astype(np.float32)
-        return d, sc, codes
-
-    @classmethod
-    def _grid_impl(cls, x: np.ndarray, qw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        n = x.shape[0]
-        x2 = x * x
-        sigma2 = (np.float32(2) * sequential_sum(x2)) / np.float32(QK_K)
-        weight = qw * np.sqrt(sigma2[:, None] + x2)
-        sw = sequential_sum(weight.reshape(n, 16, 16))
-        codes, scales = make_qx_quants(x.reshape(n * 16, 16), 4, weight.reshape(n * 16, 16))
-        sc, d_block = make_qx_quants(scales.reshape(n, 16), 32, sw)
-        return f16_exact(d_block), sc, codes
+        ideal = cls.search(x, importance)
+        p = cls.project(*ideal.tensors(), saturate=False)
+        d, sc = p.d.numpy(), p.sc.numpy()
+        return cls.blocks(torch.from_numpy(requantize(x, ideal.levels, d, sc, cls.qmin, cls.qmax)), p)
 
     @classmethod
     def pack(cls, q: QuantBlocks) -> np.ndarray:

@@ -15,11 +15,14 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
+import torch
 from gguf import GGMLQuantizationType
 
-from .base import QuantBlocks, f16_bytes, f16_exact, f16_from_bytes
-from .kquant import QK_K, KQuantFormat, SuperGrid, nearest_int
-from .qkx_search import F32, make_qkx_quants, make_qp_quants, requantize, row_sum, running_max
+from . import torch_grid as tg
+from .base import QuantBlocks, f16_bytes, f16_from_bytes
+from .kquant import QK_K, Ideal, KQuantFormat, SuperGrid
+from .qkx_search import F32, make_qkx_quants, requantize, row_sum
+from .torch_grid import Projection
 
 # The 12 scale bytes shared by q4_K and q5_K: sc[j] and m[j] (j = 0..7) are
 # 6-bit; j < 4 sit whole in bytes 0..7, j >= 4 are split into a low nibble
@@ -66,6 +69,18 @@ def unpack_scale_min_k4(field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc.astype(np.int16), m.astype(np.int16)
 
 
+def _k4_round_trip(v: torch.Tensor) -> torch.Tensor:
+    """int [n, 8] levels -> what ``unpack_scale_min_k4(pack_scale_min_k4(...))`` returns for them.
+
+    The identity on [0, 63]; above that C's ``uint8_t`` fields mix the bits the
+    way the packing above draws them (sub-scales and sub-mins never share bits).
+    """
+    u = v & 0xFF
+    lo, hi = u[:, :4], u[:, 4:]
+    head = (lo | ((hi >> 4) << 6)) & 0xFF  # bytes 0..3 (scales) or 4..7 (mins)
+    return torch.cat([head & 63, (hi & 0x0F) | ((head >> 6) << 4)], dim=1)
+
+
 class _Q45K(KQuantFormat):
     """What Q4_K and Q5_K share: everything but the code bits."""
 
@@ -82,47 +97,67 @@ class _Q45K(KQuantFormat):
     impl_clamps: ClassVar[bool]
 
     @classmethod
-    def rtn(cls, blocks: np.ndarray, importance: np.ndarray | None = None) -> QuantBlocks:
-        """float32 [n, 256] (and importance float32 [n, 256], the imatrix of
-        each super-block's columns) -> QuantBlocks of n·8 sub-blocks."""
+    def search(cls, blocks: np.ndarray, importance: np.ndarray | None = None) -> Ideal:
+        """llama.cpp's per-sub-block scale/min search, before the 6-bit projection.
+
+        blocks: float32 [n, 256]; importance: float32 [n, 256], the imatrix of
+        each super-block's columns, or None.
+        """
         x = np.asarray(blocks, dtype=F32).reshape(-1, QK_K)
         n = x.shape[0]
         xs = x.reshape(n * 8, 32)
         if importance is None:
-            sq = (xs * xs).T
-            av_x = np.sqrt(row_sum(sq) / F32(32))
+            av_x = np.sqrt(row_sum((xs * xs).T) / F32(32))
             weights = av_x[:, None] + np.abs(xs)
-            levels, scales, mins = make_qkx_quants(
-                xs, weights, cls.qmax, cls.ref_rmin, 0.1, cls.ref_nstep, False
-            )
-            scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
-            max_scale, max_min = running_max(scales), running_max(mins)
-            with np.errstate(divide="ignore"):
-                inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0))
-                inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0))
-            ls = np.minimum(63, nearest_int(inv_scale[:, None] * scales) & 0xFF)
-            lm = np.minimum(63, nearest_int(inv_min[:, None] * mins) & 0xFF)
-            d = f16_exact(max_scale / F32(63))
-            dmin = f16_exact(max_min / F32(63))
+            levels, scales, the_min = make_qkx_quants(xs, weights, cls.qmax, cls.ref_rmin, 0.1, cls.ref_nstep, False)
+            return Ideal(levels, scales, -the_min)
+        qw = np.asarray(importance, dtype=F32)
+        if qw.shape != x.shape:
+            raise ValueError(f"{cls.name}: importance must be [{n}, 256] like the blocks, not {qw.shape}")
+        qw = qw.reshape(n * 8, 32)
+        sigma2 = (F32(2) * row_sum((x * x).T)) / F32(QK_K)
+        weights = qw * np.sqrt(np.repeat(sigma2, 8)[:, None] + xs * xs)
+        levels, scales, the_min = make_qkx_quants(xs, weights, cls.qmax, -0.9, 0.05, 36, False)
+        return Ideal(levels, scales, -the_min, row_sum(weights.T))
+
+    @classmethod
+    def project(cls, scales: torch.Tensor, mins: torch.Tensor | None = None,
+                importance: torch.Tensor | None = None, *, saturate: bool = True) -> Projection:
+        """6-bit sc and m under fp16 d, dmin (see ``KQuantFormat.project``).
+
+        Without importance: ``d = max/63``, ``sc = min(63, nearest_int(63/max · s))``;
+        with it, ``make_qp_quants`` weighted by it (q5_K clamps its levels to 63).
+        Levels go through the 12-byte packing as C's ``uint8_t`` fields do.
+        Negative ideal scales and positive ideal mins count as 0.
+        """
+        cls._check_mins(mins)
+        s, t = cls._sub_rows(scales).clamp_min(0), cls._sub_rows(-mins).clamp_min(0)
+        if importance is None:
+            sixty3, zero = tg.const(63.0, s), tg.const(0.0, s)
+            max_s, max_m = tg.running_max(s), tg.running_max(t)
+            inv_s = torch.where(max_s > 0, sixty3 / max_s, zero)
+            inv_m = torch.where(max_m > 0, sixty3 / max_m, zero)
+            ls = torch.clamp_max(tg.nearest_int(inv_s[:, None] * s) & 0xFF, 63)
+            lm = torch.clamp_max(tg.nearest_int(inv_m[:, None] * t) & 0xFF, 63)
+            d, dmin = tg.f16_round(max_s / sixty3, saturate), tg.f16_round(max_m / sixty3, saturate)
         else:
-            qw = np.asarray(importance, dtype=F32)
-            if qw.shape != x.shape:
-                raise ValueError(f"{cls.name}: importance must be [{n}, 256] like the blocks, not {qw.shape}")
-            qw = qw.reshape(n * 8, 32)
-            sigma2 = (F32(2) * row_sum((x * x).T)) / F32(QK_K)
-            weights = qw * np.sqrt(np.repeat(sigma2, 8)[:, None] + xs * xs)
-            sw = row_sum(weights.T).reshape(n, 8)
-            levels, scales, mins = make_qkx_quants(xs, weights, cls.qmax, -0.9, 0.05, 36, False)
-            ls, d = make_qp_quants(scales.reshape(n, 8), sw, 63)
-            lm, dmin = make_qp_quants(mins.reshape(n, 8), sw, 63)
+            w = cls._sub_rows(importance)
+            ls, d = tg.make_qp_quants(s, w, 63)
+            lm, dmin = tg.make_qp_quants(t, w, 63)
             if cls.impl_clamps:
-                ls, lm = np.minimum(63, ls), np.minimum(63, lm)
-            d, dmin = f16_exact(d), f16_exact(dmin)
-        sc, m = unpack_scale_min_k4(pack_scale_min_k4(ls, lm))
-        eff_d = (d[:, None] * sc.astype(F32)).reshape(-1)
-        eff_m = (dmin[:, None] * m.astype(F32)).reshape(-1)
-        codes = requantize(xs, levels, eff_d, eff_m, cls.qmax)
-        return cls.make(codes, SuperGrid(d=d, sc=sc, dmin=dmin, m=m))
+                ls, lm = torch.clamp_max(ls, 63), torch.clamp_max(lm, 63)
+            d, dmin = tg.f16_round(d, saturate), tg.f16_round(dmin, saturate)
+        return cls._projection(d, _k4_round_trip(ls), dmin, _k4_round_trip(lm))
+
+    @classmethod
+    def rtn(cls, blocks: np.ndarray, importance: np.ndarray | None = None) -> QuantBlocks:
+        """float32 [n, 256] (and importance float32 [n, 256], the imatrix of
+        each super-block's columns) -> QuantBlocks of n·8 sub-blocks."""
+        x = np.asarray(blocks, dtype=F32).reshape(-1, QK_K)
+        ideal = cls.search(x, importance)
+        p = cls.project(*ideal.tensors(), saturate=False)
+        codes = requantize(x.reshape(-1, 32), ideal.levels, p.scales.numpy(), (-p.mins).numpy(), cls.qmax)
+        return cls.blocks(torch.from_numpy(codes), p)
 
     @classmethod
     def pack_codes(cls, codes: np.ndarray) -> np.ndarray:

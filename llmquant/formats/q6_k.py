@@ -17,11 +17,14 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
+import torch
 from gguf import GGMLQuantizationType
 
-from .base import QuantBlocks, f16_bytes, f16_exact, f16_from_bytes
-from .kquant import QK_K, KQuantFormat, SuperGrid, nearest_int
+from . import torch_grid as tg
+from .base import QuantBlocks, f16_bytes, f16_from_bytes
+from .kquant import QK_K, Ideal, KQuantFormat, SuperGrid
 from .qx_search import GROUP_MAX_EPS, as_super_blocks, make_qx_quants, requantize, signed_max
+from .torch_grid import Projection
 
 # block_q6_K, 210 bytes:
 #
@@ -58,6 +61,37 @@ class Q6_K(KQuantFormat, qtype=GGMLQuantizationType.Q6_K):
     sc_max: ClassVar[int] = 127
 
     @classmethod
+    def search(cls, blocks: np.ndarray, importance: np.ndarray | None = None) -> Ideal:
+        """llama.cpp's per-sub-block scale search (``make_qx_quants``, weighted by x²
+        or by the imatrix column), before the int8 projection.
+
+        blocks: float32 [n, 256]; importance: float32 [n, 256] imatrix of each column, or None.
+        """
+        x = as_super_blocks(blocks)
+        n = x.shape[0]
+        qw = None if importance is None else as_super_blocks(importance).reshape(n * 16, 16)
+        codes, scales = make_qx_quants(x.reshape(n * 16, 16), 32, qw)
+        return Ideal(codes, scales)
+
+    @classmethod
+    def project(cls, scales: torch.Tensor, mins: torch.Tensor | None = None,
+                importance: torch.Tensor | None = None, *, saturate: bool = True) -> Projection:
+        """int8 sc under an fp16 d: the signed largest sub-scale lands on -128 (``d = max/-128``).
+
+        Both of llama.cpp's paths project this way, so ``importance`` is ignored.
+        A super-block whose sub-scales are all below 1e-15 in magnitude gets d = 0, sc = 0.
+        """
+        cls._check_mins(mins)
+        s = cls._sub_rows(scales)
+        max_abs, max_s = tg.signed_max(s)
+        empty = max_abs < tg.GROUP_MAX_EPS  # C: memset(0) of the whole block
+        iscale = tg.const(-128.0, s) / torch.where(empty, tg.const(1.0, s), max_s)
+        d = torch.where(empty, tg.const(0.0, s), tg.f16_round(tg.const(1.0, s) / iscale, saturate))
+        # C: int8 field = MIN(127, nearest_int(...)), no lower clamp
+        sc = tg.int8_wrap(torch.clamp_max(tg.nearest_int(iscale[:, None] * s), 127))
+        return cls._projection(d, torch.where(empty[:, None], 0, sc))
+
+    @classmethod
     def rtn(cls, blocks: np.ndarray, importance: np.ndarray | None = None) -> QuantBlocks:
         """blocks: float32 [n, 256]; importance: float32 [n, 256] imatrix of each column, or None.
 
@@ -65,20 +99,12 @@ class Q6_K(KQuantFormat, qtype=GGMLQuantizationType.Q6_K):
         """
         x = as_super_blocks(blocks)
         n = x.shape[0]
-        qw = None if importance is None else as_super_blocks(importance).reshape(n * 16, 16)
-        codes, scales = make_qx_quants(x.reshape(n * 16, 16), 32, qw)
-        scales = scales.reshape(n, 16)
-        max_abs, max_scale = signed_max(scales)
-        empty = max_abs < GROUP_MAX_EPS  # C: memset(0) of the whole block
-        iscale = (np.float32(-128) / np.where(empty, np.float32(1), max_scale)).astype(np.float32)
-        d = np.where(empty, np.float32(0), f16_exact(np.float32(1) / iscale)).astype(np.float32)
-        with np.errstate(invalid="ignore"):
-            # C: int8 field = MIN(127, nearest_int(...)), no lower clamp
-            sc = np.minimum(127, nearest_int(iscale[:, None] * scales)).astype(np.int8).astype(np.int16)
-        sc[empty] = 0
-        codes = requantize(x, codes, d, sc, cls.qmin, cls.qmax)
+        ideal = cls.search(x, importance)
+        p = cls.project(*ideal.tensors(), saturate=False)
+        codes = requantize(x, ideal.levels, p.d.numpy(), p.sc.numpy(), cls.qmin, cls.qmax)
+        empty = signed_max(ideal.scales.reshape(n, 16))[0] < GROUP_MAX_EPS
         codes.reshape(n, QK_K)[empty] = cls.qmin
-        return cls.make(codes, SuperGrid(d=d, sc=sc))
+        return cls.blocks(torch.from_numpy(codes), p)
 
     @classmethod
     def pack(cls, q: QuantBlocks) -> np.ndarray:

@@ -2,8 +2,8 @@
 
 ``make_qkx2_quants`` (and its imatrix twin ``make_qkx3_quants``) picks each
 sub-block's scale and min by trying a fan of candidate scales and refitting
-by weighted least squares; ``make_qp_quants`` picks a super-block's
-sub-scale levels the same way. The bytes of a k-quant file depend on every
+by weighted least squares (``torch_grid.make_qp_quants`` then picks a
+super-block's sub-scale levels in the projection). The bytes of a k-quant file depend on every
 comparison these searches make, and a comparison flips on the last bit of a
 float32 sum, so the port keeps C's float32 operations and their order:
 products left to right (``w*l*x`` is ``(w·l)·x``), sums added one element at
@@ -103,84 +103,6 @@ def make_qkx_quants(
         levels = np.where(flat, F32(0), levels)
         scale = np.where(flat, F32(0), scale)
     return levels.T.astype(np.int16), scale.astype(F32), (-mn).astype(F32)
-
-
-def make_qp_quants(x: np.ndarray, weights: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """``make_qp_quants``: a weighted scale for non-negative values on levels [0, nmax].
-
-    x, weights: float32 [N, n] (a super-block's n sub-scales or sub-mins)
-    -> levels int16 [N, n] (C's ``uint8_t`` levels, so 0..255), scale float32 [N].
-
-    The greedy refinement visits the n values in order and updates the running
-    sums after each accepted change, so it loops over n (and at most 5 passes),
-    masking out super-blocks whose pass changed nothing, as C ``break``s.
-    """
-    xt = np.ascontiguousarray(np.asarray(x, dtype=F32).T)
-    wt = np.ascontiguousarray(np.asarray(weights, dtype=F32).T)
-    n = xt.shape[0]
-    fmax = F32(nmax)
-    with np.errstate(all="ignore"):
-        hi = np.zeros(xt.shape[1], dtype=F32)
-        for i in range(n):
-            hi = np.where(hi > xt[i], hi, xt[i])
-        zero = hi < GROUP_MAX_EPS
-
-        def mse(scale: np.ndarray, lv: np.ndarray) -> np.ndarray:
-            diff = xt - scale * lv
-            return row_sum(wt * diff * diff)
-
-        iscale = fmax / hi
-        start = (nearest_int(iscale * xt) & 0xFF).astype(F32)
-        best = mse(F32(1) / iscale, start)
-        for step in (-4, -3, -2, -1, 1, 2, 3, 4):
-            iscale_is = (F32(0.1) * F32(step) + fmax) / hi
-            lv = np.minimum(nmax, nearest_int(iscale_is * xt)).astype(F32)
-            cur = mse(F32(1) / iscale_is, lv)
-            better = cur < best
-            best = np.where(better, cur, best)
-            iscale = np.where(better, iscale_is, iscale)
-        lv_int = np.minimum(nmax, nearest_int(iscale * xt))
-        lv = lv_int.astype(F32)
-        wx = wt * xt
-        sumlx = row_sum(wx * lv)
-        suml2 = row_sum(wt * lv * lv)
-        levels = (lv_int & 0xFF).astype(np.int32)
-        active = ~zero
-        for _ in range(5):
-            changed = np.zeros_like(active)
-            for i in range(n):
-                w, xi, cur_l = wt[i], xt[i], levels[i].astype(F32)
-                slx = sumlx - wx[i] * cur_l
-                sl2 = suml2 - w * cur_l * cur_l
-                new_int = np.minimum(nmax, nearest_int(xi * sl2 / slx))
-                new_l = new_int.astype(F32)
-                move = active & (slx > 0) & (sl2 > 0) & (new_int != levels[i])
-                slx = slx + wx[i] * new_l
-                sl2 = sl2 + w * new_l * new_l
-                accept = move & (slx * slx * suml2 > sumlx * sumlx * sl2)
-                levels[i] = np.where(accept, new_int & 0xFF, levels[i])
-                sumlx = np.where(accept, slx, sumlx)
-                suml2 = np.where(accept, sl2, suml2)
-                changed |= accept
-            active &= changed
-            if not active.any():
-                break
-        scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
-        levels = np.where(zero, 0, levels)
-        scale = np.where(zero, F32(0), scale)
-    return levels.T.astype(np.int16), scale.astype(F32)
-
-
-def running_max(values: np.ndarray) -> np.ndarray:
-    """``m = 0; for j: if (v[j] > m) m = v[j]`` over axis -1 of float32 [N, k] -> [N].
-
-    Unlike ``max`` it never returns ``-0.0``, which would flip the sign bit
-    of an fp16 super-scale.
-    """
-    acc = np.zeros(values.shape[:-1], dtype=F32)
-    for j in range(values.shape[-1]):
-        acc = np.where(values[..., j] > acc, values[..., j], acc)
-    return acc
 
 
 def requantize(x: np.ndarray, levels: np.ndarray, d: np.ndarray, dm: np.ndarray, nmax: int) -> np.ndarray:

@@ -23,7 +23,9 @@ Fold (the layer computes the same function in full precision): the members'
 input columns are multiplied by s, the output channels of the smooth module
 that produces their input divided by s:
 
-- a norm (RMSNorm: ``weight ⊙ x/rms(x)``): weight (and bias) ÷ s;
+- a norm (RMSNorm: ``weight ⊙ x/rms(x)``): weight (and bias) ÷ s; a norm that
+  computes ``(c + weight) ⊙ x/rms(x)`` (Gemma's, c = 1: the spec's
+  ``norm_offset``) scales its gain, ``weight ← (c + weight)/s − c``;
 - a linear not quantized: rows and bias ÷ s;
 - a linear already quantized (true-sequential order quantizes v_proj before
   o_proj's inputs exist, and up_proj before down_proj's): the file must hold
@@ -84,6 +86,8 @@ from torch import nn
 
 from ..formats import BlockFormat, QuantBlocks
 from ..formats.kquant import KQuantFormat, SuperGrid
+from ..formats.torch_grid import dequantize as _dequant
+from ..formats.torch_grid import f16_round as _f16
 from .base import LinearReport, Method
 from .gptq import (
     GROUP,
@@ -91,8 +95,6 @@ from .gptq import (
     HessianError,
     _blocks,
     _codes,
-    _dequant,
-    _f16,
     _quant_blocks,
     gptq_quantize,
     lstsq_grid,
@@ -178,12 +180,13 @@ def rescale_rows(q: QuantBlocks, s: torch.Tensor) -> QuantBlocks:
 
 
 def fold_scales(layer: nn.Module, members: list[str], smooth: str, s: torch.Tensor, index: torch.Tensor,
-                done: dict[str, QuantBlocks] | None = None) -> dict[str, QuantBlocks]:
+                done: dict[str, QuantBlocks] | None = None, norm_offset: float = 0.0) -> dict[str, QuantBlocks]:
     """Scale the members' input channels by ``s[index]`` and divide ``smooth``'s outputs by s.
 
     s: [cs] > 0, one per output channel of ``smooth``; index: ``channel_map``.
     A smooth linear already quantized (in ``done``) keeps its codes on a grid
-    divided by s (``rescale_rows``); those codes are returned.
+    divided by s (``rescale_rows``); those codes are returned. A smooth norm
+    [cs] whose gain is ``norm_offset + weight`` has that gain divided by s.
     """
     s = s.to(torch.float32)
     s_in = s[index]
@@ -199,7 +202,8 @@ def fold_scales(layer: nn.Module, members: list[str], smooth: str, s: torch.Tens
     elif mod.weight.dim() == 2:
         mod.weight.data = mod.weight.data / s[:, None]
     else:
-        mod.weight.data = mod.weight.data / s
+        gain = mod.weight.data + norm_offset if norm_offset else mod.weight.data  # keeps a -0.0 weight's sign
+        mod.weight.data = gain / s - norm_offset if norm_offset else gain / s
     bias = getattr(mod, "bias", None)
     if isinstance(bias, torch.Tensor):
         bias.data = bias.data / s
@@ -379,7 +383,7 @@ class AWQMethod(Method, method="awq"):
         st.acc.add(x)
         st.abs_sum += x.detach().reshape(-1, x.shape[-1]).abs().sum(0, dtype=torch.float64)
 
-    def prepare_group(self, group, layer, members, smooth, *, fmts=None, done=None):
+    def prepare_group(self, group, layer, members, smooth, *, fmts=None, done=None, norm_offset=0.0):
         st = self._groups.get(group)
         if st is None or st.acc.n == 0:
             return None
@@ -419,7 +423,7 @@ class AWQMethod(Method, method="awq"):
         if best_s is None:
             return None
         st.extra["s_ratio"] = float(best_s.max() / best_s.min())
-        revised = fold_scales(layer, members, smooth, best_s, index, done)
+        revised = fold_scales(layer, members, smooth, best_s, index, done, norm_offset)
         st.s = best_s[index]
         st.G = G / (st.s[:, None] * st.s[None, :])
         return revised

@@ -44,6 +44,7 @@ import torch
 
 from ..formats.base import BlockFormat, QuantBlocks
 from ..formats.kquant import SuperGrid
+from ..formats.torch_grid import dequantize as _dequant  # codes [..., n, g], d, m [..., n] -> weights
 
 GROUP = 32  # block width of the legacy types, whose per-block grids the candidate search below serves
 _SCALE_STEPS = torch.linspace(0.70, 1.10, 21)  # d·s candidates, 1.0 included
@@ -97,20 +98,9 @@ class HessianAccumulator:
 # --------------------------------------------------------------------------- grid search
 
 
-def _f16(x: torch.Tensor) -> torch.Tensor:
-    """Round to the nearest fp16 value (kept as float32), saturating instead of inf."""
-    return x.clamp(-65504.0, 65504.0).to(torch.float16).to(torch.float32)
-
-
 def _codes(w: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, fmt: type[BlockFormat]) -> torch.Tensor:
     """Nearest codes (as float) of w [..., n, g] on grids d, m [..., n]: ``fmt.nearest_codes``."""
     return fmt.nearest_codes(w, d[..., None], None if m is None else m[..., None])
-
-
-def _dequant(c: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
-    """codes [..., n, g] -> weights, the same two float32 roundings as ``fmt.dequantize``."""
-    q = c * d[..., None]
-    return q if m is None else q + m[..., None]
 
 
 def _candidates(
@@ -180,15 +170,14 @@ def _weighted_err(w, h, c, d, m) -> torch.Tensor:
 def _candidate_grids(
     w: torch.Tensor, h: torch.Tensor, fmt: type[BlockFormat], rtn: QuantBlocks
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """All fp16-exact candidate grids d, m [K, n] for blocks w [n, 32] (h: [n, 32] weights)."""
-    d, m = _candidates(w, rtn, fmt)
-    d = _f16(d)
-    m = None if m is None else _f16(m)
+    """All fp16-exact candidate grids d, m [K, n] for blocks w [n, 32] (h: [n, 32] weights),
+    each projected onto what the file stores (``fmt.project``: fp16, saturating)."""
+    p = fmt.project(*_candidates(w, rtn, fmt))
+    d, m = p.scales, p.mins
     ds, ms = [d], [m]
     for _ in range(_REFITS):
-        d, m = _refit(w, h, _codes(w, d, m, fmt), d, m)
-        d = _f16(d)
-        m = None if m is None else _f16(m)
+        p = fmt.project(*_refit(w, h, _codes(w, d, m, fmt), d, m))
+        d, m = p.scales, p.mins
         ds.append(d)
         ms.append(m)
     return torch.cat(ds), None if m is None else torch.cat(ms)

@@ -1,0 +1,316 @@
+"""The grid steps in torch: fp16 rounding, ggml's integer rounding, dequantization, fake quantization.
+
+Everything here runs on whatever device its tensors are on and repeats the
+float32 operations of llama.cpp (and of the numpy ports in this package) one
+for one, so a result computed here on the CPU is bit-identical with the
+numpy one. Three rules keep it that way:
+
+* one rounding per operation: products, sums and quotients are separate
+  torch ops, never fused (no ``addcmul``, no ``torch.compile``);
+* never ``python_number / tensor``: torch computes it as
+  ``tensor.reciprocal() * number``, two roundings; constants are 0-dim
+  tensors on the data's device (``const``), which also keeps CUDA from turning a
+  division by a CPU scalar into a multiplication by its reciprocal;
+* sums that decide comparisons add left to right (``row_sum``), as C's loops.
+
+Formats own their grids (``BlockFormat.project``); this module holds the
+shared pieces, and ``fake_quant`` that a tuning method calls every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .base import BlockFormat
+
+F16_MAX = 65504.0
+GROUP_MAX_EPS = 1e-15
+
+
+def const(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A float32 0-dim constant on ``like``'s device (see the module docstring)."""
+    return torch.tensor(value, dtype=torch.float32, device=like.device)
+
+
+def f16_round(x: torch.Tensor, saturate: bool = True) -> torch.Tensor:
+    """x as float32, rounded to the nearest fp16 (nearest-even, GGML_FP32_TO_FP16), kept float32.
+
+    saturate: clamp to ±65504 first, the nearest *finite* fp16, which is what a
+    method wants; llama.cpp's quantizers store inf past that (``saturate=False``,
+    what ``rtn`` passes to stay byte-identical). NaN stays NaN.
+    """
+    x = x.to(torch.float32)
+    if saturate:
+        x = x.clamp(-F16_MAX, F16_MAX)
+    return x.to(torch.float16).to(torch.float32)
+
+
+def nearest_int(x: torch.Tensor) -> torch.Tensor:
+    """ggml's ``nearest_int`` of float32 x (the 1.5·2^23 trick) as int32, any shape.
+
+    Round half to even for |x| <= 2^22; past that (inf, NaN) the low mantissa
+    bits, which ggml's clamps then turn into codes, exactly as in C.
+    """
+    v = x.to(torch.float32) + const(12582912.0, x)
+    return (v.view(torch.int32) & 0x007FFFFF) - 0x00400000
+
+
+def int8_wrap(v: torch.Tensor) -> torch.Tensor:
+    """C's conversion of an int32 to ``int8_t`` (two's complement wrap), kept int32."""
+    return ((v + 128) & 255) - 128
+
+
+def row_sum(a: torch.Tensor) -> torch.Tensor:
+    """Sum over the last axis left to right in float32, as a C ``for`` loop adds: [..., n] -> [...]."""
+    acc = torch.zeros(a.shape[:-1], dtype=torch.float32, device=a.device) + a[..., 0]
+    for i in range(1, a.shape[-1]):
+        acc = acc + a[..., i]
+    return acc
+
+
+def running_max(v: torch.Tensor) -> torch.Tensor:
+    """``m = 0; for j: if (v[j] > m) m = v[j]`` over the last axis: [..., k] -> [...].
+
+    Never ``-0.0`` (which would flip an fp16 super-scale's sign bit) and never below 0.
+    """
+    acc = torch.zeros(v.shape[:-1], dtype=torch.float32, device=v.device)
+    for j in range(v.shape[-1]):
+        acc = torch.where(v[..., j] > acc, v[..., j], acc)
+    return acc
+
+
+def signed_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of [m, n]: (largest magnitude, the signed value having it), [m] each; the first on ties.
+
+    C scans with ``if (fabsf(x) > amax)``; ``argmax`` returns the first maximum too.
+    """
+    ax = x.abs()
+    i = ax.argmax(dim=1, keepdim=True)
+    return ax.gather(1, i)[:, 0], x.gather(1, i)[:, 0]
+
+
+def divide_or_zero(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``b ? a / b : 0`` elementwise in float32."""
+    ok = b != 0
+    return torch.where(ok, a / torch.where(ok, b, const(1.0, b)), const(0.0, b))
+
+
+@dataclass(frozen=True)
+class Projection:
+    """What the file can store for n sub-blocks, as torch tensors on the input's device.
+
+    scales: float32 [n]  effective scale of each sub-block, as ggml's dequantize_row_* computes it
+                         (legacy types: the fp16 scale; k-quants: d·sc)
+    mins:   float32 [n]  effective min (legacy: the fp16 min; k-quants: −(dmin·m)), or None
+    k-quants only, per super-block (n_super = n / n_sub):
+    d, dmin: float32 [n_super] fp16-exact super-scales (dmin None for symmetric types)
+    sc, m:   int32 [n_super, n_sub] integer sub-scales and sub-mins (m None for symmetric types)
+    """
+
+    scales: torch.Tensor
+    mins: torch.Tensor | None = None
+    d: torch.Tensor | None = None
+    sc: torch.Tensor | None = None
+    dmin: torch.Tensor | None = None
+    m: torch.Tensor | None = None
+
+
+def flat_view(d: torch.Tensor, sc: torch.Tensor, dmin: torch.Tensor | None = None,
+              m: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A k-quant's effective scale d·sc and min −(dmin·m) per sub-block: d [n], sc [n, k] -> [n·k] each."""
+    scales = (d.to(torch.float32)[:, None] * sc.to(torch.float32)).reshape(-1)
+    if m is None:
+        return scales, None
+    return scales, -(dmin.to(torch.float32)[:, None] * m.to(torch.float32)).reshape(-1)
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None = None) -> torch.Tensor:
+    """codes [..., n, sub] (integer or integral float) on grids scales, mins [..., n] -> weights [..., n, sub].
+
+    ggml's dequantize_row_* order: one rounding for the product, one for the
+    sum (two separate ops, never a fused multiply-add), in the scales' dtype.
+    """
+    w = codes.to(scales.dtype) * scales[..., None]
+    return w if mins is None else w + mins[..., None]
+
+
+def make_qp_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's ``make_qp_quants``: a weighted scale for non-negative values on levels [0, nmax].
+
+    x, weights: float32 [N, n] (a super-block's n sub-scales or sub-mins and their weights)
+    -> levels int32 [N, n] (C's ``uint8_t``, so 0..255), scale float32 [N].
+
+    A k-quant's imatrix path projects its sub-block scales with it. The greedy
+    refinement visits the n values in order and updates the running sums after
+    each accepted change, so it loops over n (at most 5 passes), masking out
+    super-blocks whose pass changed nothing, as C ``break``s.
+    """
+    x, w = x.to(torch.float32), weights.to(torch.float32)
+    n = x.shape[1]
+    fmax = const(float(nmax), x)
+    hi = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+    for i in range(n):
+        hi = torch.where(hi > x[:, i], hi, x[:, i])
+    zero = hi < GROUP_MAX_EPS
+
+    def mse(scale: torch.Tensor, lv: torch.Tensor) -> torch.Tensor:
+        diff = x - scale[:, None] * lv
+        return row_sum(w * diff * diff)
+
+    one = const(1.0, x)
+    iscale = fmax / hi
+    best = mse(one / iscale, (nearest_int(iscale[:, None] * x) & 0xFF).to(torch.float32))
+    for step in (-4, -3, -2, -1, 1, 2, 3, 4):
+        iscale_is = (const(0.1, x) * const(float(step), x) + fmax) / hi
+        lv = torch.clamp_max(nearest_int(iscale_is[:, None] * x), nmax).to(torch.float32)
+        cur = mse(one / iscale_is, lv)
+        better = cur < best
+        best = torch.where(better, cur, best)
+        iscale = torch.where(better, iscale_is, iscale)
+    lv_int = torch.clamp_max(nearest_int(iscale[:, None] * x), nmax)
+    lv = lv_int.to(torch.float32)
+    wx = w * x
+    sumlx = row_sum(wx * lv)
+    suml2 = row_sum(w * lv * lv)
+    levels = lv_int & 0xFF
+    active = ~zero
+    for _ in range(5):
+        changed = torch.zeros_like(active)
+        for i in range(n):
+            cur_l = levels[:, i].to(torch.float32)
+            slx = sumlx - wx[:, i] * cur_l
+            sl2 = suml2 - w[:, i] * cur_l * cur_l
+            new_int = torch.clamp_max(nearest_int(x[:, i] * sl2 / slx), nmax)
+            new_l = new_int.to(torch.float32)
+            move = active & (slx > 0) & (sl2 > 0) & (new_int != levels[:, i])
+            slx = slx + wx[:, i] * new_l
+            sl2 = sl2 + w[:, i] * new_l * new_l
+            accept = move & (slx * slx * suml2 > sumlx * sumlx * sl2)
+            levels[:, i] = torch.where(accept, new_int & 0xFF, levels[:, i])
+            sumlx = torch.where(accept, slx, sumlx)
+            suml2 = torch.where(accept, sl2, suml2)
+            changed |= accept
+        active &= changed
+        if not bool(active.any()):
+            break
+    zero_f = const(0.0, x)
+    scale = torch.where(suml2 > 0, sumlx / suml2, zero_f)
+    levels = torch.where(zero[:, None], torch.zeros_like(levels), levels)
+    return levels, torch.where(zero, zero_f, scale)
+
+
+def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's ``make_qx_quants(n, nmax, x, L, rmse_type=1, qw)`` for every row of x.
+
+    x:  float32 [m, n] groups; qw: float32 [m, n] weights, or None for C's
+    ``qw == NULL`` (weight x²) -> codes int32 [m, n] in [-nmax, nmax-1], scale float32 [m].
+
+    Starts from ``iscale = -nmax / max`` and tries the 18 neighbours
+    ``-(nmax + 0.1·is) / max``, keeping the best weighted least-squares score
+    ``sumlx² / suml2``. q3_K's imatrix path projects its 16 sub-scales onto 6
+    bits with it. The same function as ``qx_search.make_qx_quants``, the numpy
+    port the sub-block searches of ``rtn`` run (numpy at the edge, where its
+    per-element loops run faster on a CPU); the tests hold the two equal bit for bit.
+    A group whose largest magnitude is below 1e-15 gets code -nmax and scale 0.
+    """
+    x = x.to(torch.float32)
+    w = x * x if qw is None else qw.to(torch.float32)
+    wx = w * x
+    amax, vmax = signed_max(x)
+    zero = amax < GROUP_MAX_EPS
+    vmax = torch.where(zero, const(1.0, x), vmax)
+
+    def trial(num: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        iscale = -num / vmax
+        codes = nearest_int(iscale[:, None] * x).clamp(-nmax, nmax - 1)
+        lf = codes.to(torch.float32)
+        return codes, row_sum(wx * lf), row_sum((w * lf) * lf)
+
+    fmax = const(float(nmax), x)
+    codes, sumlx, suml2 = trial(fmax)
+    scale = divide_or_zero(sumlx, suml2)
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        cand, sumlx, suml2 = trial(fmax + const(0.1, x) * const(float(step), x))
+        take = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        codes = torch.where(take[:, None], cand, codes)
+        scale = torch.where(take, divide_or_zero(sumlx, suml2), scale)
+        best = torch.where(take, scale * sumlx, best)
+    codes = torch.where(zero[:, None], torch.full_like(codes, -nmax), codes)
+    return codes, torch.where(zero, const(0.0, x), scale)
+
+
+class _FakeQuant(torch.autograd.Function):
+    """Forward: weights on the stored grid, exactly ``dequantize(nearest codes)``.
+    Backward: see ``fake_quant``. Tensors: w [..., n, sub]; scales, mins [..., n]
+    (the ideal, learnable ones) and eff_scales, eff_mins (their projection)."""
+
+    @staticmethod
+    def forward(ctx, w, scales, mins, eff_scales, eff_mins, fmt, lsq):  # scales, mins: inputs for their grads only
+        e_s, e_m = eff_scales[..., None], None if eff_mins is None else eff_mins[..., None]
+        codes = fmt.nearest_codes(w, e_s, e_m)
+        v = (w if e_m is None else w - e_m) / e_s
+        inside = (v >= fmt.qmin) & (v <= fmt.qmax) & (e_s != 0)
+        ctx.save_for_backward(codes, v, inside)
+        ctx.lsq, ctx.has_min = lsq, mins is not None
+        return dequantize(codes, eff_scales, eff_mins)
+
+    @staticmethod
+    def backward(ctx, g):
+        codes, v, inside = ctx.saved_tensors
+        zero = torch.zeros((), dtype=g.dtype, device=g.device)
+        g_w = torch.where(inside, g, zero) if ctx.needs_input_grad[0] else None
+        g_s = g_m = None
+        if ctx.needs_input_grad[1]:
+            ds = torch.where(inside, codes - v, codes) if ctx.lsq else codes
+            g_s = (g * ds).sum(-1)
+        if ctx.has_min and ctx.needs_input_grad[2]:
+            g_m = torch.where(inside, zero, g).sum(-1) if ctx.lsq else g.sum(-1)
+        return g_w, g_s, g_m, None, None, None, None
+
+
+def fake_quant(fmt: type[BlockFormat], W: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None = None,
+               importance: torch.Tensor | None = None, *, project: bool = True,
+               lsq: bool = False) -> torch.Tensor:
+    """W [rows, cols] -> the dequantized weights on fmt's grid [rows, cols], differentiable.
+
+    scales, mins: [rows, cols/sub_size] ideal per-sub-block scale and min (mins
+    only for types with a min; k-quants: cols a multiple of 256). With
+    ``project`` they are first projected onto what the file stores
+    (``fmt.project``; importance [rows, cols/sub_size] as there), else used as
+    they are (they must already be representable for the result to be a file's).
+
+    Forward: ``dequantize(nearest_codes(W, s, m), s, m)`` on the projected s, m,
+    bit for bit the weights llama.cpp reads back once the codes are packed.
+
+    Backward, with g = dL/d out:
+    - W: straight-through on the rounding: g where the unrounded code
+      v = (W − m)/s lies in [qmin, qmax] (and s ≠ 0), 0 where it is clipped;
+    - the projection is straight-through too: dL/d ideal scale = dL/d stored scale;
+    - scales: through the dequant product for the chosen codes, Σ g·code over
+      the sub-block (the exact derivative of the forward between rounding
+      steps, the least-squares direction of a grid refit); with ``lsq`` LSQ's
+      estimator instead, Σ g·(code − v) inside the range, Σ g·code where clipped;
+    - mins: Σ g (lsq: Σ g over the clipped weights only).
+    """
+    rows, cols = W.shape
+    sub = fmt.sub_size
+    if cols % fmt.block_size or scales.shape != (rows, cols // sub):
+        raise ValueError(f"{fmt.name}: W [rows, k·{fmt.block_size}] needs scales [rows, cols/{sub}]")
+    if (mins is not None) != fmt.has_min:
+        raise ValueError(f"{fmt.name}: mins must be {'given' if fmt.has_min else 'None'}")
+    if project:
+        p = fmt.project(scales.detach().reshape(-1), None if mins is None else mins.detach().reshape(-1),
+                        None if importance is None else importance.detach().reshape(-1))
+        eff_s = p.scales.reshape(scales.shape).to(W.dtype)
+        eff_m = None if p.mins is None else p.mins.reshape(scales.shape).to(W.dtype)
+    else:
+        eff_s, eff_m = scales.detach(), None if mins is None else mins.detach()
+    out = _FakeQuant.apply(W.reshape(rows, -1, sub), scales, mins, eff_s, eff_m, fmt, lsq)
+    return out.reshape(rows, cols)
