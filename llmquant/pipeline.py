@@ -1,11 +1,13 @@
 """The layer walk: the only place that knows the order of work.
 
-embeddings -> for each decoder layer: read its weights -> (calibrated methods:
-observe each true-sequential group's real inputs, quantize it, put the
-quantized weights back) -> encode and write its tensors -> (calibrated: run
-the quantized layer to make the next layer's inputs) -> free it -> final norm
-and head. Peak memory is one layer plus the calibration activations plus one
-row chunk of the embedding or head, whatever the depth or vocabulary.
+the plan's tensors before the layers (generated ones, embeddings) -> for each
+decoder layer: read its weights -> (calibrated methods: observe each
+true-sequential group's real inputs, quantize it, put the quantized weights
+back) -> encode and write its tensors -> (calibrated: run the quantized layer
+to make the next layer's inputs) -> free it -> the plan's tensors after the
+layers (final norm, head). The order is the plan's (``plan.py``); the pipeline
+only walks it. Peak memory is one layer plus the calibration activations plus
+one row chunk of the embedding or head, whatever the depth or vocabulary.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .export.arch import ArchSpec
 from .export.gguf_file import GGUFOutput, PlannedTensor
 from .formats import get_format
 from .methods import LinearReport, Method
+from .plan import PlanEntry, TensorPlan
 from .policy import FLOAT_TYPES
 from .workdir import ResumePoint, WorkDir
 
@@ -37,13 +40,15 @@ class PipelineResult:
     seconds_by_stage: dict[str, float] = field(default_factory=dict)
 
 
-def encode(spec: ArchSpec, config: dict, hf_name: str, planned: PlannedTensor, W: torch.Tensor, q=None) -> np.ndarray:
+def encode(spec: ArchSpec, config: dict, hf_name: str | None, planned: PlannedTensor, W: torch.Tensor,
+           q=None) -> np.ndarray:
     """Bytes of one tensor in llama.cpp's layout (rows permuted where the arch says so).
 
-    W: float32 [co, ci] or [n]; q: the QuantBlocks a method chose, for quantized types.
+    W: float32 [co, ci] or [n]; q: the QuantBlocks a method chose, for quantized types;
+    hf_name: None for a generated tensor, already in llama.cpp's layout.
     """
     if planned.type in FLOAT_TYPES:
-        rows = spec.to_gguf_rows(hf_name, W.numpy(), config)
+        rows = W.numpy() if hf_name is None else spec.to_gguf_rows(hf_name, W.numpy(), config)
         if planned.type == "f32":
             return rows.astype(np.float32)
         if planned.type == "f16":
@@ -53,7 +58,7 @@ def encode(spec: ArchSpec, config: dict, hf_name: str, planned: PlannedTensor, W
     if q is None:
         q = fmt.rtn(W.reshape(-1, fmt.block_size).numpy())
     packed = fmt.pack(q).reshape(W.shape[0], -1)
-    return spec.to_gguf_rows(hf_name, packed, config)
+    return packed if hf_name is None else spec.to_gguf_rows(hf_name, packed, config)
 
 
 def release_freed_memory() -> None:
@@ -82,7 +87,7 @@ _libc = _load_libc()
 class Pipeline:
     """Streams one model through a method into a GGUFOutput."""
 
-    def __init__(self, *, spec: ArchSpec, config: dict, store, plan: dict[str, PlannedTensor],
+    def __init__(self, *, spec: ArchSpec, config: dict, store, plan: TensorPlan,
                  method: Method, output: GGUFOutput, runner=None, progress: bool = True):
         self.spec, self.config, self.store, self.plan = spec, config, store, plan
         self.method, self.output, self.runner = method, output, runner
@@ -92,6 +97,17 @@ class Pipeline:
     def _write(self, hf_name: str, W: torch.Tensor, q=None) -> None:
         planned = self.plan[hf_name]
         self.output.write(planned.name, encode(self.spec, self.config, hf_name, planned, W, q))
+
+    def _write_entry(self, entry: PlanEntry, tokens: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Write one tensor outside the layers; returns the embedding rows of ``tokens`` where it gathers them."""
+        if entry.values is not None:
+            self.output.write(entry.tensor.name,
+                              encode(self.spec, self.config, None, entry.tensor, torch.from_numpy(entry.values)))
+        elif entry.by_rows:
+            return self._stream_rows(entry.source, tokens)
+        else:
+            self._write(entry.source, self.store.get(entry.source))
+        return None
 
     def _stream_rows(self, hf_name: str, tokens: torch.Tensor | None = None) -> torch.Tensor | None:
         """Write a (possibly huge) embedding or head by row chunks, never whole.
@@ -113,6 +129,8 @@ class Pipeline:
                 yield encode(self.spec, self.config, hf_name, planned, W)
 
         self.output.write_chunks(planned.name, chunks())
+        if hidden is not None and self.spec.embed_scale is not None:  # what the model feeds layer 0 (Gemma)
+            hidden *= torch.tensor(self.spec.embed_scale(self.config), dtype=torch.float32)
         return hidden
 
     def run(self, tokens: torch.Tensor | None = None, batch_size: int = 8, *,
@@ -126,27 +144,37 @@ class Pipeline:
         t0 = time.perf_counter()
         calibrated = self.method.needs_calibration
         if resume is None:
-            hidden = self._stream_rows(self.spec.embed, tokens if calibrated else None)
+            hidden = None
+            for entry in self.plan.outside_layers(before=True):
+                gather = calibrated and entry.source == self.spec.embed  # layer 0's calibration inputs
+                rows = self._write_entry(entry, tokens if gather else None)
+                hidden = rows if gather else hidden
             first = 0
         else:
             hidden, first = resume.hidden, resume.layers_done
             self.result.reports = list(resume.reports)
         if calibrated:
             self.runner.capture_kwargs(hidden[:batch_size])
-        n_layers = int(self.config["num_hidden_layers"])
+        n_layers = self.plan.n_layers
         bar = tqdm(range(n_layers), desc="layers", unit="layer", disable=not self.progress, dynamic_ncols=True,
                    initial=first)
         for i in range(first, n_layers):
-            names = self.spec.layer_names(i, self.store.__contains__)
+            entries = self.plan.layer(i)
             if calibrated:
-                weights = {n: self.store.get(n) for n in names}
+                weights = {e.source: self.store.get(e.source) for e in entries if e.source is not None}
                 codes, hidden = self._calibrated_layer(i, weights, hidden, batch_size)
-                for n in names:
-                    self._write(n, weights[n], codes.get(n))
+                for e in entries:
+                    if e.source is None:
+                        self._write_entry(e)
+                    else:
+                        self._write(e.source, weights[e.source], codes.get(e.source))
                 del weights, codes
             else:
-                for n in names:  # one tensor at a time: rtn needs nothing else of the layer
-                    self._rtn_tensor(n)
+                for e in entries:  # one tensor at a time: rtn needs nothing else of the layer
+                    if e.source is None:
+                        self._write_entry(e)
+                    else:
+                        self._rtn_tensor(e.source)
             release_freed_memory()
             if work is not None:
                 self.output.sync()
@@ -155,9 +183,8 @@ class Pipeline:
             bar.update()
         bar.close()
         self.result.seconds_by_stage["layers"] = time.perf_counter() - t0
-        self._write(self.spec.final_norm, self.store.get(self.spec.final_norm))
-        if self.spec.head in self.plan:
-            self._stream_rows(self.spec.head)
+        for entry in self.plan.outside_layers(before=False):
+            self._write_entry(entry)
         return self.result
 
     def _quantizable(self, hf_name: str) -> bool:
@@ -185,8 +212,9 @@ class Pipeline:
                              lambda x, key=key: self.method.observe(key, x), batch_size)
             fmts = {rel: get_format(self.plan[prefix + rel + ".weight"].type) for rel in members}
             done = {n[len(prefix):-len(".weight")]: q for n, q in codes.items()}  # this layer's, so far
-            revised = self.method.prepare_group(key, layer, members, self.spec.smooth_from.get(group[0]),
-                                                fmts=fmts, done=done)
+            smooth = self.spec.smooth_from.get(group[0])
+            revised = self.method.prepare_group(key, layer, members, smooth, fmts=fmts, done=done,
+                                                norm_offset=self.spec.norm_shift(f"{prefix}{smooth}.weight"))
             codes.update({prefix + rel + ".weight": q for rel, q in (revised or {}).items()})
             for rel in members:
                 name = prefix + rel + ".weight"

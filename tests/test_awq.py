@@ -183,8 +183,8 @@ class Recording:
         self.norms: dict[str, np.ndarray] = {}
         self.revised: list[str] = []
 
-    def prepare_group(self, group, layer, members, smooth, *, fmts=None, done=None):
-        revised = super().prepare_group(group, layer, members, smooth, fmts=fmts, done=done)
+    def prepare_group(self, group, layer, members, smooth, **kw):
+        revised = super().prepare_group(group, layer, members, smooth, **kw)
         prefix = f"model.layers.{group.split(':')[0]}."
         mod = layer.get_submodule(smooth)
         if mod.weight.dim() == 1:

@@ -61,13 +61,18 @@ def replace(path: Path, data: bytes | str) -> None:
 
 
 def edit_config(**changes) -> Callable[[Path], None]:
+    """A dotted key (rope_parameters.factor) is one inside that object, which is made if missing."""
     def mutate(d: Path) -> None:
         cfg = json.loads((d / "config.json").read_text())
-        for key, value in changes.items():
+        for dotted, value in changes.items():
+            parent, dot, key = dotted.rpartition(".")
+            holder = cfg.setdefault(parent, {}) if dot else cfg
+            if not isinstance(holder, dict):
+                holder = cfg[parent] = {}
             if value is None:
-                cfg.pop(key, None)
+                holder.pop(key, None)
             else:
-                cfg[key] = None if value == "NULL" else value  # "NULL": the key set to JSON null
+                holder[key] = None if value == "NULL" else value  # "NULL": the key set to JSON null
         replace(d / "config.json", json.dumps(cfg))
     return mutate
 

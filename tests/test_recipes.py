@@ -18,11 +18,11 @@ import pytest
 from tiny import build_tiny_model
 
 from llmquant import quantize
-from llmquant.api import plan_tensors
 from llmquant.errors import LlmquantError
 from llmquant.export.arch import get_arch
 from llmquant.loading.source import read_config
 from llmquant.loading.weights import WeightStore
+from llmquant.plan import plan_tensors
 from llmquant.policy import RECIPES, get_recipe
 
 K_RECIPES = ["q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k"]
@@ -66,7 +66,7 @@ def llama_cpp_types(src: Path, dst: Path, recipe: str, pure: bool = False) -> di
 def our_types(model: Path, recipe: str, pure: bool = False) -> dict[str, str]:
     config = read_config(model)
     plan = plan_tensors(get_arch(config), config, WeightStore(model), get_recipe(recipe), pure)
-    return {t.name: t.type for t in plan.values()}
+    return {t.name: t.type for t in plan.tensors}
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ every tokenization the quantized model sees.
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -349,10 +350,17 @@ def _add_specials(writer: gguf.GGUFWriter, model_dir: Path, tj: dict[str, Any] |
     post-processor itself, so llama.cpp adds exactly what HF adds.
     """
     _read_json(model_dir / "tokenizer_config.json")  # SpecialVocab reads it too, with no clear error
+    # gguf-py logs its reading of HF post-processor templates to stderr (Gemma's "<bos> A <bos> B" pair
+    # template: "Unknown separator token"); what it concludes is in the file, its notes stay off our output
+    vocab_log = logging.getLogger("gguf.vocab")
+    level = vocab_log.level
+    vocab_log.setLevel(logging.ERROR)
     try:
         special = gguf.SpecialVocab(model_dir, load_merges=model == "gpt2", n_vocab=n_tokens)
     except (OSError, UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
         raise LlmquantError(f"cannot read the tokenizer files in {model_dir}: {exc}") from None
+    finally:
+        vocab_log.setLevel(level)
     if model == "gpt2" and not special.merges:
         raise LlmquantError(f"no BPE merges in {model_dir}: llama.cpp cannot load a gpt2 vocab without them")
     ids = special.special_token_ids

@@ -2,10 +2,13 @@
 
 The model's module tree is built on the meta device (no memory), then one
 layer at a time is materialized on the CPU with its weights from the
-checkpoint. The keyword arguments the model passes to its layers (rotary
-position embeddings, masks, cache switches) are captured once by running the
-model's own forward until layer 0, so the replay matches the model exactly
-for every architecture transformers implements.
+checkpoint. The keyword arguments the model passes to each of its layers
+(rotary position embeddings, masks, cache switches) are captured once by
+running the model's own forward with every layer replaced by a recorder, so
+the replay matches the model exactly for every architecture transformers
+implements, including those whose layers differ in kind (Gemma 3: sliding
+layers get the local RoPE base and a sliding-window mask, global layers the
+global base and the full causal mask).
 """
 
 from __future__ import annotations
@@ -18,19 +21,24 @@ from .weights import WeightStore
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook to end the forward pass at layer 0."""
+    """Raised to end a forward pass early (after the last layer's recorder, or at a module's input)."""
 
 
-class _Capture(nn.Module):
-    def __init__(self) -> None:
+class _Recorder(nn.Module):
+    """Stands in for one decoder layer: keeps what the model passes it, hands the input on unchanged."""
+
+    def __init__(self, last: bool) -> None:
         super().__init__()
+        self.last = last
         self.kwargs: dict = {}
 
     def forward(self, hidden_states, *args, **kwargs):
         if args:
             raise LlmquantError("decoder layer called with positional arguments; unsupported model code")
         self.kwargs = kwargs
-        raise _StopForward
+        if self.last:  # the final norm and head are on the meta device: stop before them
+            raise _StopForward
+        return hidden_states
 
 
 class LayerRunner:
@@ -50,21 +58,39 @@ class LayerRunner:
         rotary = getattr(self.decoder, "rotary_emb", None)
         if rotary is not None:  # buffers computed at init; rebuild them for real
             self.decoder.rotary_emb = type(rotary)(config=config)
-        self.layer_kwargs: dict = {}
+        self.layer_kwargs: list[dict] = []  # per layer, what the model passes it besides the hidden states
+        self._index: dict[int, int] = {}  # id of a decoder layer module -> its index
 
     @torch.no_grad()
     def capture_kwargs(self, hidden: torch.Tensor) -> None:
-        """Record what the model passes to its layers for batches shaped like ``hidden``."""
+        """Record what the model passes to each layer for sequences as long as ``hidden``'s.
+
+        hidden: [batch, seq, hidden_size]; only its first row runs, so every recorded
+        tensor (masks [1, 1, seq, seq], rotary cos/sin [1, seq, head_dim]) has batch 1
+        and broadcasts over batches of any size. Layers of one kind share the same
+        tensors (the model computes each once), so this costs one set per kind.
+        """
         layers = self.decoder.layers
-        original, capture = layers[0], _Capture()
-        layers[0] = capture
+        originals = list(layers)
+        recorders = [_Recorder(last=i == len(originals) - 1) for i in range(len(originals))]
+        for i, rec in enumerate(recorders):
+            layers[i] = rec
         try:
-            self.decoder(inputs_embeds=hidden, use_cache=False)
+            self.decoder(inputs_embeds=hidden[:1], use_cache=False)
         except _StopForward:
             pass
         finally:
-            layers[0] = original
-        self.layer_kwargs = capture.kwargs
+            for i, layer in enumerate(originals):
+                layers[i] = layer
+        self.layer_kwargs = [rec.kwargs for rec in recorders]
+        self._index = {id(layer): i for i, layer in enumerate(originals)}
+
+    def kwargs_for(self, layer: nn.Module) -> dict:
+        """The keyword arguments captured for this decoder layer (one of ``self.decoder.layers``)."""
+        i = self._index.get(id(layer))
+        if i is None:
+            raise LlmquantError("no captured arguments for this layer: call capture_kwargs first")
+        return self.layer_kwargs[i]
 
     def build(self, i: int, weights: dict[str, torch.Tensor]) -> nn.Module:
         """Layer i on the CPU holding ``weights`` (full HF names -> tensors)."""
@@ -92,11 +118,12 @@ class LayerRunner:
             observe(args[0])
             raise _StopForward
 
+        kwargs = self.kwargs_for(layer)
         hook = module.register_forward_pre_hook(stop)
         try:
             for batch in hidden.split(batch_size):
                 try:
-                    layer(batch, **self.layer_kwargs)
+                    layer(batch, **kwargs)
                 except _StopForward:
                     pass
         finally:
@@ -104,5 +131,5 @@ class LayerRunner:
 
     @torch.no_grad()
     def forward(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        out = layer(hidden, **self.layer_kwargs)
+        out = layer(hidden, **self.kwargs_for(layer))
         return out[0] if isinstance(out, tuple) else out

@@ -18,8 +18,10 @@ _HUB_PATTERNS = ["*.json", "tokenizer.model", "*.jinja", "*.txt", "*.tiktoken"]
 def resolve_model(model: str | Path | None) -> Path:
     """A local folder holding config.json for ``model``.
 
-    None means the default model (SmolLM2-135M-Instruct, shipped offline).
-    A string that is not an existing path is treated as a hub id.
+    None means the default model (SmolLM2-135M-Instruct, shipped offline); the
+    name of a built-in model (``gemma3-270m``, ...) that model, prepared once
+    from its package. Any other string that is not an existing path is treated
+    as a hub id.
     """
     if model is None or str(model) == "":
         from .default_model import default_model_dir
@@ -33,8 +35,14 @@ def resolve_model(model: str | Path | None) -> Path:
             raise LlmquantError(f"{path} has no config.json: not a Hugging Face model folder")
         return path
     text = str(model)
+    from .default_model import BUILTIN_MODELS, builtin_model, builtin_model_dir
+
+    if builtin_model(text) is not None:
+        return builtin_model_dir(text)
     if text.count("/") != 1 or text.startswith((".", "/", "~")):
-        raise LlmquantError(f"model {text!r} not found: no such folder, and not a hub id of the form org/name")
+        names = ", ".join(m.name for m in BUILTIN_MODELS)
+        raise LlmquantError(f"model {text!r} not found: no such folder, no built-in model ({names}), "
+                            "and not a hub id of the form org/name")
     return _download(text)
 
 

@@ -57,7 +57,8 @@ class Method:
 
     def prepare_group(self, group: str, layer: torch.nn.Module, members: list[str], smooth: str | None, *,
                       fmts: dict[str, type[BlockFormat]] | None = None,
-                      done: dict[str, QuantBlocks] | None = None) -> dict[str, QuantBlocks] | None:
+                      done: dict[str, QuantBlocks] | None = None,
+                      norm_offset: float = 0.0) -> dict[str, QuantBlocks] | None:
         """Called once a group's inputs were observed, before its linears are quantized.
 
         A method may rewrite weights of ``layer`` in place here, as long as the
@@ -69,7 +70,8 @@ class Method:
         module path). A method that rewrites one of those must keep it on its
         grid: it returns the replacement codes ({path: QuantBlocks}, which the
         pipeline writes instead) and sets the module's weight to exactly their
-        dequantization.
+        dequantization. norm_offset: what a norm ``smooth`` adds to its weight
+        (the spec's ``norm_offset``: Gemma's norms compute x·(1 + w)).
         """
         return None
 

@@ -67,13 +67,19 @@ class ConfigKey:
 
 
 def check_config(config: dict, keys: dict[str, ConfigKey]) -> None:
-    """Every key a spec reads against its rule, once, before any work: one line naming the key."""
+    """Every key a spec reads against its rule, once, before any work: one line naming the key.
+
+    A dotted key (``rope_scaling.factor``) is one inside an object; it is checked where that
+    object and the key are there (never required: what a feature needs of it, the feature checks).
+    """
     for key, rule in keys.items():
-        if key not in config:
-            if rule.required:
+        parent, dot, name = key.rpartition(".")
+        holder = config.get(parent) if dot else config
+        if not isinstance(holder, dict) or name not in holder:
+            if rule.required and not dot:
                 raise LlmquantError(f"config.json has no {key}")
             continue
-        value = config[key]
+        value = holder[name]
         if value is None and rule.nullable:
             continue
         if value is None or not rule.accepts(value):
@@ -116,8 +122,20 @@ class ArchSpec:
     skipped_tensors: tuple[tuple[str, str], ...] = ()
     # config -> None, or a one-line error naming a config feature llama.cpp would not compute
     check_features: Callable[[dict], None] | None = None
+    # config -> tensors llama.cpp reads that the checkpoint lacks: GGUF name -> float32 values
+    # (llama.cpp's layout), written before every checkpoint tensor, as llama.cpp's converter does
+    generated_tensors: Callable[[dict], dict[str, np.ndarray]] | None = None
     # every config.json key the spec (and the plan built from it) reads, with what it must hold
     config_keys: dict[str, ConfigKey] = field(default_factory=dict)
+    # the model computes x·(norm_offset + w) with the checkpoint's w for every norm weight whose full
+    # HF name matches norm_pattern (Gemma's RMSNorm: 1 + w); llama.cpp multiplies by its file's
+    # weight, so the file holds norm_offset + w, and AWQ folds a scale into (norm_offset + w)
+    norm_offset: float = 0.0
+    norm_pattern: str = r"(?:.+\.)?\w*norm\.weight"
+    # config -> the factor the model multiplies its embedding rows by before layer 0 (Gemma: sqrt(hidden),
+    # which llama.cpp applies itself, so the file holds the plain rows); None: none. Calibration feeds
+    # layer 0 the scaled rows
+    embed_scale: Callable[[dict], float] | None = None
 
     def check_config(self, config: dict) -> None:
         """The config's keys against ``config_keys``, then the features llama.cpp must compute."""
@@ -152,12 +170,22 @@ class ArchSpec:
                 raise LlmquantError(f"tensor {full} is missing from the checkpoint")
         return names
 
+    def norm_shift(self, hf_name: str) -> float:
+        """What llama.cpp's copy of this tensor adds to the checkpoint's values (``norm_offset`` on norms)."""
+        return self.norm_offset if self.norm_offset and re.fullmatch(self.norm_pattern, hf_name) else 0.0
+
     def to_gguf_rows(self, hf_name: str, rows: np.ndarray, config: dict) -> np.ndarray:
         """Reorder output rows the way llama.cpp expects (rows: [co, ...], any trailing layout).
 
         Works on float weights and on per-row quantized blocks alike, because
-        the permute only moves whole rows.
+        the permute only moves whole rows. A norm of an offset architecture
+        (float rows [n]) also gets its ``norm_offset`` added.
         """
+        shift = self.norm_shift(hf_name)
+        if shift:
+            if rows.dtype.kind != "f":
+                raise LlmquantError(f"{hf_name} is a norm weight; it can only be written as floats")
+            rows = rows + rows.dtype.type(shift)
         rel = hf_name.rsplit(".", 1)[0].split(".")[-2:]
         key = self.permute_rows.get(".".join(rel))
         if key is None:

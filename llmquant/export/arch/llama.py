@@ -1,7 +1,10 @@
-"""Llama family (Llama 2/3, SmolLM, Mistral) and Qwen2.
+"""Llama family (Llama 2/3.x, SmolLM, Mistral) and Qwen2; the helpers Qwen3 (qwen3.py) shares.
 
 Both share llama.cpp's llama-style block; Llama uses interleaved RoPE, so
 llama.cpp wants q/k rows permuted; Qwen2 uses NeoX RoPE and q/k/v biases.
+Llama 3.1+'s ``llama3`` rope scaling is no GGUF key: llama.cpp's llama graph
+divides each rotary frequency by a per-frequency factor read from a generated
+``rope_freqs`` tensor (its qwen2/qwen3 graphs read none, so there it is refused).
 llama.cpp's llama also reads the optional o_proj and MLP biases
 (``attention_bias``, ``mlp_bias``); its qwen2 reads q/k/v biases only. Neither
 has sliding-window attention: a Mistral or Qwen2 config with a window gets a
@@ -12,10 +15,13 @@ attention is exactly the sliding one.
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from collections.abc import Callable
 
 import gguf
+import numpy as np
+import torch
 
 from ...errors import LlmquantError
 from .base import ArchSpec, ConfigKey, config_int, register
@@ -28,35 +34,84 @@ def rope_theta(cfg: dict) -> float:
                  else cfg.get("rope_theta", 10000.0))
 
 
-def check_llama_features(cfg: dict) -> None:
-    """Refuse, by name, what llama.cpp's llama/qwen2 graph would not compute as transformers does."""
+# rope scaling types llama.cpp's graphs compute as transformers does: llama3 needs the rope_freqs tensor
+ROPE_TYPES = ("default", "linear", "llama3")
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def check_llama_features(cfg: dict, rope_types: tuple[str, ...] = ROPE_TYPES, arch: str = "llama") -> None:
+    """Refuse, by name, what llama.cpp's llama/qwen2/qwen3 graph would not compute as transformers does."""
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
-        raise LlmquantError(f"config.json has hidden_act={act!r}; llama.cpp's llama block computes silu only")
-    _rope_scaling(None, cfg)
+        raise LlmquantError(f"config.json has hidden_act={act!r}; llama.cpp's {arch} block computes silu only")
+    key, params = _rope_params(cfg)
+    kind = _rope_kind(params)
+    if kind not in rope_types:
+        raise LlmquantError(f"config.json has {key} of type {kind!r}, which llmquant does not carry into llama.cpp's "
+                            f"{arch}; supported rope scaling types: {', '.join(rope_types)}")
+    if kind in ("linear", "llama3"):
+        for name in ("factor",) if kind == "linear" else _LLAMA3_KEYS:
+            if params.get(name) is None:
+                expected = "a positive integer" if name == "original_max_position_embeddings" else "a positive number"
+                raise LlmquantError(f"config.json has a {kind} {key} with {name}=None; expected {expected}")
+    if kind == "llama3" and not params["low_freq_factor"] < params["high_freq_factor"]:
+        raise LlmquantError(f"config.json has a llama3 {key} with low_freq_factor={params['low_freq_factor']} and "
+                            f"high_freq_factor={params['high_freq_factor']}; expected low_freq_factor < high_freq_factor")
 
 
-def _rope_scaling(w: gguf.GGUFWriter | None, cfg: dict) -> None:
-    """Write the rope scaling (w None: only check that it is one llmquant carries)."""
+def _rope_params(cfg: dict) -> tuple[str, dict]:
+    """(config key, its object): transformers 5's rope_parameters, else the older rope_scaling.
+
+    The values' types and ranges are the spec's config_keys (rope_parameters.factor, ...), checked before.
+    """
     key = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
     params = cfg.get(key) or {}
-    if not isinstance(params, dict):
-        raise LlmquantError(f"config.json has {key}={params!r}; expected an object")
-    theta = params.get("rope_theta")
-    if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta < float("inf")):
-        raise LlmquantError(f"config.json has {key}.rope_theta={theta!r}; expected a positive number")
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind in (None, "default"):
-        return
-    if kind == "linear":
-        factor = params.get("factor")
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < float("inf"):
-            raise LlmquantError(f"config.json has a linear {key} with factor={factor!r}; expected a positive number")
-        if w is not None:
-            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            w.add_rope_scaling_factor(float(factor))
-        return
-    raise LlmquantError(f"rope scaling type {kind!r} is not supported yet")
+    return key, params
+
+
+def _rope_kind(params: dict) -> str:
+    kind = params.get("rope_type", params.get("type"))
+    return "default" if kind is None else kind
+
+
+def _rope_scaling(w: gguf.GGUFWriter, cfg: dict) -> None:
+    """The rope scaling keys llama.cpp reads: linear's factor; llama3 writes none (its rope_freqs carries it)."""
+    _, params = _rope_params(cfg)
+    if _rope_kind(params) == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(params["factor"]))
+
+
+def head_dim(cfg: dict, default: int | None = None) -> int:
+    """Rotary (and attention) head size: config.json's head_dim, else ``default``, else hidden/heads."""
+    hidden, n_head = config_int(cfg, "hidden_size"), config_int(cfg, "num_attention_heads")
+    return config_int(cfg, "head_dim", default or hidden // n_head or 1)
+
+
+def llama3_rope_freqs(cfg: dict) -> dict[str, np.ndarray]:
+    """llama3 rope scaling as llama.cpp's llama graph reads it: ``rope_freqs.weight`` f32 [head_dim/2].
+
+    transformers (``_compute_llama3_parameters``) rescales each inverse frequency inv_i [head_dim/2]
+    by its wavelength 2 pi / inv_i against the original context L = original_max_position_embeddings:
+    short ones (< L / high_freq_factor) stay, long ones (> L / low_freq_factor) are divided by
+    ``factor``, and those between blend the two with s = (L / wavelength - low) / (high - low):
+    inv_i * ((1 - s) / factor + s). llama.cpp divides inv_i by the tensor's value, so each value is
+    the reciprocal of that multiplier. Computed in float32, as both sides compute it.
+    Other rope types: no tensor.
+    """
+    _, params = _rope_params(cfg)
+    if _rope_kind(params) != "llama3":
+        return {}
+    dim = head_dim(cfg)
+    factor, low, high = (float(params[k]) for k in ("factor", "low_freq_factor", "high_freq_factor"))
+    old = int(params["original_max_position_embeddings"])
+    inv_freq = 1.0 / (rope_theta(cfg) ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))  # [dim/2]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old / wavelen - low) / (high - low)
+    blended = 1 / ((1 - smooth) / factor + smooth)
+    values = torch.where(wavelen < old / high, torch.ones_like(wavelen),
+                         torch.where(wavelen > old / low, torch.full_like(wavelen, factor), blended))
+    return {gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight": values.numpy()}
 
 
 def mistral_window(cfg: dict) -> int | None:
@@ -76,10 +131,11 @@ def qwen2_window(cfg: dict) -> int | None:
     return config_int(cfg, "sliding_window") if sliding and cfg.get("sliding_window") is not None else None
 
 
-def write_llama_hparams(w: gguf.GGUFWriter, cfg: dict, window: Callable[[dict], int | None] | None = None) -> None:
+def write_llama_hparams(w: gguf.GGUFWriter, cfg: dict, window: Callable[[dict], int | None] | None = None,
+                        default_head_dim: int | None = None) -> None:
     n_head = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
-    head_dim = int(cfg.get("head_dim") or hidden // n_head)
+    head = head_dim(cfg, default_head_dim)
     context = int(cfg.get("max_position_embeddings", 2048))
     span = window(cfg) if window else None
     if span is not None and span < context:
@@ -93,10 +149,10 @@ def write_llama_hparams(w: gguf.GGUFWriter, cfg: dict, window: Callable[[dict], 
     w.add_feed_forward_length(int(cfg["intermediate_size"]))
     w.add_head_count(n_head)
     w.add_head_count_kv(int(cfg.get("num_key_value_heads") or n_head))
-    w.add_rope_dimension_count(head_dim)
-    if head_dim != hidden // n_head:
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head)
+    if head != hidden // n_head:
+        w.add_key_length(head)
+        w.add_value_length(head)
     w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
     w.add_rope_freq_base(rope_theta(cfg))
     w.add_vocab_size(int(cfg["vocab_size"]))
@@ -127,16 +183,18 @@ _LLAMA_LAYER = (
 _SKIPPED = ((r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", "RoPE frequencies, recomputed from rope_theta"),)
 
 
-def llama_layer_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+def llama_layer_shapes(cfg: dict, default_head_dim: int | None = None) -> dict[str, tuple[int, ...]]:
     """The HF shape config.json implies for each tensor of one decoder layer."""
     hidden, n_head = config_int(cfg, "hidden_size"), config_int(cfg, "num_attention_heads")
     n_kv = config_int(cfg, "num_key_value_heads", n_head)
-    head_dim = config_int(cfg, "head_dim", hidden // n_head or 1)
+    head = head_dim(cfg, default_head_dim)
     ff = config_int(cfg, "intermediate_size")
-    if head_dim % 2:
-        raise LlmquantError(f"config.json implies head_dim={head_dim}; RoPE needs an even head size")
-    q, kv = n_head * head_dim, n_kv * head_dim
+    if head % 2:
+        raise LlmquantError(f"config.json implies head_dim={head}; RoPE needs an even head size")
+    q, kv = n_head * head, n_kv * head
     return {
+        "self_attn.q_norm.weight": (head,),
+        "self_attn.k_norm.weight": (head,),
         "input_layernorm.weight": (hidden,),
         "self_attn.q_proj.weight": (q, hidden),
         "self_attn.q_proj.bias": (q,),
@@ -193,6 +251,17 @@ _CONFIG_KEYS = {
     "max_window_layers": ConfigKey(int, nullable=True, low=0),
     "layer_types": ConfigKey(list, nullable=True),
 }
+# inside rope_parameters (transformers 5) or rope_scaling (older configs): what the rope types read
+_ROPE_KEYS = {
+    "rope_type": ConfigKey(str),
+    "type": ConfigKey(str),
+    "rope_theta": ConfigKey(float, low=0, above=True),
+    "factor": ConfigKey(float, low=0, above=True),
+    "low_freq_factor": ConfigKey(float, low=0, above=True),
+    "high_freq_factor": ConfigKey(float, low=0, above=True),
+    "original_max_position_embeddings": ConfigKey(int, low=1),
+}
+_CONFIG_KEYS.update({f"{parent}.{k}": rule for parent in ("rope_parameters", "rope_scaling") for k, rule in _ROPE_KEYS.items()})
 
 _LLAMA_FAMILY = dict(
     gguf_arch=gguf.MODEL_ARCH.LLAMA,
@@ -204,6 +273,7 @@ _LLAMA_FAMILY = dict(
     layer_shapes=llama_layer_shapes,
     skipped_tensors=_SKIPPED,
     check_features=check_llama_features,
+    generated_tensors=llama3_rope_freqs,
     config_keys=_CONFIG_KEYS,
 )
 
@@ -223,7 +293,8 @@ QWEN2 = register(
         smooth_from=_SMOOTH,
         layer_shapes=llama_layer_shapes,
         skipped_tensors=_SKIPPED,
-        check_features=check_llama_features,
+        # llama.cpp's qwen2 graph reads no rope_freqs: no llama3 scaling
+        check_features=functools.partial(check_llama_features, rope_types=("default", "linear"), arch="qwen2"),
         config_keys=_CONFIG_KEYS,
     )
 )
