@@ -39,6 +39,11 @@ def build_tiny_model(out: Path, arch: str, tokenizer_dir: Path, *, hidden: int =
                 p.normal_(0, 0.2)
             elif random_norms:
                 p.normal_(1, 0.3)
+    return save_tiny(model, out, tokenizer_dir)
+
+
+def save_tiny(model, out: Path, tokenizer_dir: Path) -> Path:
+    """``model``'s checkpoint in ``out`` with the tokenizer files of ``tokenizer_dir``."""
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     for name in _TOKENIZER_FILES:

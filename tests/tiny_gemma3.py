@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
+from tiny import save_tiny
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 # sliding and global layers, first and last of each kind; the window is short so that most
 # positions of a test sequence lie beyond it
 LAYER_TYPES = ("sliding_attention", "full_attention", "sliding_attention", "full_attention")
@@ -36,9 +35,4 @@ def build_tiny_gemma3(out: Path, tokenizer_dir: Path, *, hidden: int = 64, heads
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(0, 0.3 if "norm" in name else 0.2)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    for name in _TOKENIZER_FILES:
-        if (tokenizer_dir / name).exists():
-            shutil.copy(tokenizer_dir / name, out / name)
-    return out
+    return save_tiny(model, out, tokenizer_dir)

@@ -17,7 +17,7 @@ from gguf import GGMLQuantizationType
 from . import torch_grid as tg
 from .base import QuantBlocks, f16_bytes, f16_from_bytes
 from .kquant import QK_K, Ideal, KQuantFormat, SuperGrid
-from .qkx_search import F32, make_qkx_quants, requantize, row_sum
+from .qkx_search import F32, make_qkx_quants, row_sum, rtn_with_mins
 from .torch_grid import Projection
 
 # block_q2_K, 84 bytes:
@@ -109,11 +109,7 @@ class Q2_K(KQuantFormat, qtype=GGMLQuantizationType.Q2_K):
     def rtn(cls, blocks: np.ndarray, importance: np.ndarray | None = None) -> QuantBlocks:
         """float32 [n, 256] (and importance float32 [n, 256], the imatrix of
         each super-block's columns) -> QuantBlocks of n·16 sub-blocks."""
-        x = np.asarray(blocks, dtype=F32).reshape(-1, QK_K)
-        ideal = cls.search(x, importance)
-        p = cls.project(*ideal.tensors(), saturate=False)
-        codes = requantize(x.reshape(-1, 16), ideal.levels, p.scales.numpy(), (-p.mins).numpy(), 3)
-        return cls.blocks(torch.from_numpy(codes), p)
+        return rtn_with_mins(cls, blocks, importance)
 
     @classmethod
     def pack(cls, q: QuantBlocks) -> np.ndarray:

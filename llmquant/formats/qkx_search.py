@@ -115,3 +115,19 @@ def requantize(x: np.ndarray, levels: np.ndarray, d: np.ndarray, dm: np.ndarray,
     with np.errstate(all="ignore"):
         lv = np.clip(nearest_int((x + dm[:, None]) / d[:, None]), 0, nmax)
     return np.where((d == 0)[:, None], levels, lv).astype(np.int16)
+
+
+def rtn_with_mins(fmt, blocks: np.ndarray, importance: np.ndarray | None = None):
+    """RTN of a k-quant with mins (q2_K, q4_K, q5_K): the type's search, its projection, then
+    codes on the stored grid, the order every ``quantize_row_q*_K`` follows.
+
+    fmt: the KQuantFormat; blocks float32 [n, 256] (importance float32 [n, 256]) ->
+    QuantBlocks of n·256/sub_size sub-blocks.
+    """
+    import torch
+
+    x = np.asarray(blocks, dtype=F32).reshape(-1, 256)
+    ideal = fmt.search(x, importance)
+    p = fmt.project(*ideal.tensors(), saturate=False)
+    codes = requantize(x.reshape(-1, fmt.sub_size), ideal.levels, p.scales.numpy(), (-p.mins).numpy(), fmt.qmax)
+    return fmt.blocks(torch.from_numpy(codes), p)

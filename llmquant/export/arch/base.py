@@ -66,6 +66,11 @@ class ConfigKey:
         return isinstance(value, self.kind)
 
 
+# the sizes every decoder config must give (transformers has no default for them that fits a checkpoint)
+DECODER_SIZES = {key: ConfigKey(int, required=True, low=1) for key in (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")}
+
+
 def check_config(config: dict, keys: dict[str, ConfigKey]) -> None:
     """Every key a spec reads against its rule, once, before any work: one line naming the key.
 

@@ -38,7 +38,7 @@ import math
 import gguf
 
 from ...errors import LlmquantError
-from .base import ArchSpec, ConfigKey, config_int, register
+from .base import DECODER_SIZES, ArchSpec, ConfigKey, config_int, register
 
 GEMMA3_HEAD_DIM = 256  # transformers' Gemma3TextConfig defaults where config.json is silent
 GEMMA3_KV_HEADS = 4
@@ -227,11 +227,7 @@ def embed_scale(cfg: dict) -> float:
 
 _NUMBER = ConfigKey(float, low=0, above=True)
 _CONFIG_KEYS = {
-    "vocab_size": ConfigKey(int, required=True, low=1),
-    "hidden_size": ConfigKey(int, required=True, low=1),
-    "num_hidden_layers": ConfigKey(int, required=True, low=1),
-    "num_attention_heads": ConfigKey(int, required=True, low=1),
-    "intermediate_size": ConfigKey(int, required=True, low=1),
+    **DECODER_SIZES,
     "num_key_value_heads": ConfigKey(int, low=1),
     "head_dim": ConfigKey(int, low=1),
     "max_position_embeddings": ConfigKey(int, low=1),

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ...errors import LlmquantError
-from .base import ArchSpec, ConfigKey, config_int, register
+from .base import DECODER_SIZES, ArchSpec, ConfigKey, config_int, register
 
 
 def rope_theta(cfg: dict) -> float:
@@ -230,11 +230,7 @@ _GROUPS = (
 
 _POSITIVE = ConfigKey(int, low=1)
 _CONFIG_KEYS = {
-    "vocab_size": ConfigKey(int, required=True, low=1),
-    "hidden_size": ConfigKey(int, required=True, low=1),
-    "num_hidden_layers": ConfigKey(int, required=True, low=1),
-    "num_attention_heads": ConfigKey(int, required=True, low=1),
-    "intermediate_size": ConfigKey(int, required=True, low=1),
+    **DECODER_SIZES,
     "num_key_value_heads": ConfigKey(int, nullable=True, low=1),  # null: one per attention head
     "head_dim": ConfigKey(int, nullable=True, low=1),  # null: hidden_size / num_attention_heads
     "max_position_embeddings": _POSITIVE,
