@@ -1,9 +1,9 @@
 """The layer walk: the only place that knows the order of work.
 
 the plan's tensors before the layers (generated ones, embeddings) -> for each
-decoder layer: read its weights -> (calibrated methods: observe each
-true-sequential group's real inputs, quantize it, put the quantized weights
-back) -> encode and write its tensors -> (calibrated: run the quantized layer
+decoder layer: read its weights -> (calibrated methods: the method gets the
+whole layer, ``Method.quantize_layer``, and leaves it computing with its
+codes) -> encode and write its tensors -> (calibrated: run the quantized layer
 to make the next layer's inputs) -> free it -> the plan's tensors after the
 layers (final norm, head). The order is the plan's (``plan.py``); the pipeline
 only walks it. Peak memory is one layer plus the calibration activations plus
@@ -26,6 +26,7 @@ from .export.arch import ArchSpec
 from .export.gguf_file import GGUFOutput, PlannedTensor
 from .formats import get_format
 from .methods import LinearReport, Method
+from .methods.layer import Group, LayerWork
 from .plan import PlanEntry, TensorPlan
 from .policy import FLOAT_TYPES
 from .workdir import ResumePoint, WorkDir
@@ -202,30 +203,24 @@ class Pipeline:
     def _calibrated_layer(self, i: int, weights: dict, hidden: torch.Tensor, batch_size: int):
         layer = self.runner.build(i, weights)
         prefix = self.spec.layer_prefix.format(i=i)
-        codes = {}
+        formats = {}
+        groups = []
         for group in self.spec.sequential_groups:
-            members = [g for g in group if prefix + g + ".weight" in self.plan and self._quantizable(prefix + g + ".weight")]
-            if not members:
-                continue
-            key = f"{i}:{group[0]}"
-            self.runner.feed(layer, hidden, layer.get_submodule(members[0]),
-                             lambda x, key=key: self.method.observe(key, x), batch_size)
-            fmts = {rel: get_format(self.plan[prefix + rel + ".weight"].type) for rel in members}
-            done = {n[len(prefix):-len(".weight")]: q for n, q in codes.items()}  # this layer's, so far
-            smooth = self.spec.smooth_from.get(group[0])
-            revised = self.method.prepare_group(key, layer, members, smooth, fmts=fmts, done=done,
-                                                norm_offset=self.spec.norm_shift(f"{prefix}{smooth}.weight"))
-            codes.update({prefix + rel + ".weight": q for rel, q in (revised or {}).items()})
-            for rel in members:
-                name = prefix + rel + ".weight"
-                module = layer.get_submodule(rel)
-                fmt = get_format(self.plan[name].type)
-                q, report = self.method.quantize(name, key, module.weight.data, fmt)
-                module.weight.data = torch.from_numpy(fmt.dequantize(q)).reshape(module.weight.shape)
-                codes[name] = q
-                self.result.reports.append(report)
-            self.method.end_group(key)
-        out = torch.cat([self.runner.forward(layer, b) for b in hidden.split(batch_size)])
+            members = tuple(g for g in group if prefix + g + ".weight" in self.plan
+                            and self._quantizable(prefix + g + ".weight"))
+            if members:
+                formats.update({rel: get_format(self.plan[prefix + rel + ".weight"].type) for rel in members})
+                groups.append(Group(members, self.spec.smooth_from.get(group[0])))
+
+        def feed(module, observe):
+            self.runner.feed(layer, hidden, module, observe, batch_size)
+
+        work = LayerWork(index=i, prefix=prefix, layer=layer, inputs=hidden, kwargs=self.runner.kwargs_for(layer),
+                         formats=formats, groups=groups, batch_size=batch_size, norm_shift=self.spec.norm_shift,
+                         feed=feed)
+        codes = self.method.quantize_layer(work)
+        self.result.reports.extend(work.reports)
+        out = work.outputs()
         state = layer.state_dict()  # a method may have rewritten non-quantized tensors (norms)
         for n in weights:
             weights[n] = state[n[len(prefix):]].detach()

@@ -1,8 +1,10 @@
 """What the pipeline asks of a quantization method.
 
-A method picks codes on a format's grid; it never packs bytes. Calibrated
-methods also see the real inputs of each group of linears that share an
-input (q/k/v, gate/up, ...), in true-sequential order.
+A method picks codes on a format's grid; it never packs bytes. A calibrated
+method gets each decoder layer whole (``quantize_layer``, a ``LayerWork``);
+by default it walks the layer's groups of linears that share an input
+(q/k/v, gate/up, ...) in true-sequential order through the per-group hooks
+below (``observe``, ``prepare_group``, ``quantize``, ``end_group``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..formats import BlockFormat, QuantBlocks
+from .layer import LayerWork, sequential_walk
 
 
 @dataclass
@@ -51,6 +54,16 @@ class Method:
     def settings(self) -> dict:
         """The options that decide this method's output (part of a resumable run's fingerprint)."""
         return {k: v for k, v in sorted(vars(self).items()) if not k.startswith("_")}
+
+    def quantize_layer(self, work: LayerWork) -> dict[str, QuantBlocks]:
+        """Codes for every linear of one decoder layer (by checkpoint name), calibrated methods only.
+
+        On return each quantized linear of ``work.layer`` computes with exactly the
+        dequantization of its codes; the pipeline then runs the layer to make the
+        next layer's inputs and writes the codes. Per-tensor reports go to
+        ``work.reports``. The default is the true-sequential group walk.
+        """
+        return sequential_walk(self, work)
 
     def observe(self, group: str, x: torch.Tensor) -> None:
         """Inputs of one group's shared input (x [..., ci]) from one calibration batch."""

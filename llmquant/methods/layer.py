@@ -1,0 +1,105 @@
+"""What a calibrated method sees of one decoder layer, and the true-sequential walk over it.
+
+The pipeline owns the order of layers, the I/O and resume; a method owns
+everything inside one layer. It gets a ``LayerWork`` (the real decoder layer
+in full precision, its calibration inputs, that layer's own attention
+arguments, the target format of every linear) and returns the codes of each
+linear. GPTQ and AWQ quantize one group of linears that share an input at a
+time, each group seeing the real inputs that the already-quantized groups
+before it produce (``sequential_walk``); a tuning method looks at the layer
+as a whole (``LayerWork.forward`` runs with gradients).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..formats import BlockFormat, QuantBlocks
+
+
+@dataclass(frozen=True)
+class Group:
+    """Linears quantized together (module paths relative to the layer), and the module producing their input."""
+
+    members: tuple[str, ...]
+    smooth: str | None = None
+
+
+@dataclass
+class LayerWork:
+    """One decoder layer handed to a method.
+
+    layer:   the HF decoder layer on the CPU, full-precision weights; a method leaves
+             each quantized linear's weight equal to the dequantization of its codes
+    inputs:  float32 [n, seq, hidden] the layer's calibration inputs
+    kwargs:  what the model passes this layer besides the hidden states (rotary
+             cos/sin, mask: [1, ...], broadcast over batches)
+    formats: module path of each linear to quantize -> its target format
+    groups:  the true-sequential groups (only members in ``formats``), in order
+    continuous: filled by ``sequential_walk``: each linear's weight [co, ci] just before
+             it was rounded (after any AWQ scaling), the point a tuning method starts from
+    """
+
+    index: int
+    prefix: str
+    layer: nn.Module
+    inputs: torch.Tensor
+    kwargs: dict
+    formats: dict[str, type[BlockFormat]]
+    groups: list[Group]
+    batch_size: int
+    norm_shift: Callable[[str], float]
+    feed: Callable  # feed(module, observe): each batch of inputs through the layer up to module's input
+    reports: list = field(default_factory=list)
+    continuous: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def name(self, path: str) -> str:
+        """The checkpoint name of a linear's weight from its module path."""
+        return f"{self.prefix}{path}.weight"
+
+    def forward(self, hidden: torch.Tensor, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The layer's output for ``hidden`` [b, seq, hidden], optionally with ``weights``
+        (module path -> [co, ci]) in place of the linears' own; differentiable in them."""
+        params = {f"{p}.weight": w for p, w in (weights or {}).items()}
+        out = torch.func.functional_call(self.layer, params, (hidden,), self.kwargs, strict=False)
+        return out[0] if isinstance(out, tuple) else out
+
+    @torch.no_grad()
+    def outputs(self, hidden: torch.Tensor | None = None, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """``forward`` over all of ``hidden`` (default: the inputs) by batches, without gradients."""
+        hidden = self.inputs if hidden is None else hidden
+        return torch.cat([self.forward(b, weights) for b in hidden.split(self.batch_size)])
+
+
+def sequential_walk(method, work: LayerWork) -> dict[str, QuantBlocks]:
+    """GPTQ's and AWQ's order: per group, observe its real inputs, prepare, quantize each member.
+
+    Each member's weight becomes the dequantization of its codes before the next
+    group observes, so later groups see the quantized earlier ones (true-sequential).
+    Returns the codes by checkpoint name.
+    """
+    codes: dict[str, QuantBlocks] = {}
+    for g in work.groups:
+        key = f"{work.index}:{g.members[0]}"
+        work.feed(work.layer.get_submodule(g.members[0]), lambda x, key=key: method.observe(key, x))
+        fmts = {rel: work.formats[rel] for rel in g.members}
+        done = {n[len(work.prefix):-len(".weight")]: q for n, q in codes.items()}  # this layer's, so far
+        revised = method.prepare_group(key, work.layer, list(g.members), g.smooth, fmts=fmts, done=done,
+                                       norm_offset=work.norm_shift(f"{work.prefix}{g.smooth}.weight"))
+        for rel, q in (revised or {}).items():  # earlier linears whose grid the fold rescaled
+            codes[work.name(rel)] = q
+            work.continuous[rel] = work.layer.get_submodule(rel).weight.data.detach().clone()
+        for rel in g.members:
+            module = work.layer.get_submodule(rel)
+            fmt = fmts[rel]
+            work.continuous[rel] = module.weight.data.detach().clone()
+            q, report = method.quantize(work.name(rel), key, module.weight.data, fmt)
+            module.weight.data = torch.from_numpy(fmt.dequantize(q)).reshape(module.weight.shape)
+            codes[work.name(rel)] = q
+            work.reports.append(report)
+        method.end_group(key)
+    return codes
