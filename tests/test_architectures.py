@@ -1,4 +1,4 @@
-"""The architectures people run: Llama 3.x rope scaling (llama3, linear) and Qwen3, HF -> GGUF -> llama.cpp.
+"""The architectures people run: Llama 3.x rope scaling (llama3, linear), Qwen3 and Phi-3, HF -> GGUF -> llama.cpp.
 
 Each tiny random model is built from its config (tests/tiny.py); its f32 file must give transformers'
 logits in llama.cpp at early and late positions (for llama3: beyond original_max_position_embeddings,
@@ -42,7 +42,12 @@ MODELS = {
                                    rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})),
     # head_dim 32 with 4 heads of a 64-wide model: q is 128 wide, unlike hidden/heads
     "qwen3": ("qwen3", dict(head_dim=32, max_position_embeddings=256, random_norms=True)),
+    # fused qkv_proj [64 + 2·32, 64] and gate_up_proj [2·192, 64]; RoPE over half of each 16-wide head; a
+    # window as long as the compared tokens (within it, sliding attention is the full one llama.cpp computes)
+    "phi3": ("phi3", dict(max_position_embeddings=256, sliding_window=160, random_norms=True,
+                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
 }
+UNTIED = ("qwen3", "phi3")  # Phi-3's checkpoints have their own lm_head
 N_TOKENS = 160  # positions 0..159: well past original_max_position_embeddings=32
 TOLERANCE = 2e-3  # of max |logit|: the llama tests', which allows for llama.cpp's default f16 KV cache
 F32_CACHE_TOLERANCE = 1e-4  # with an f32 KV cache (as here) only float rounding remains
@@ -51,7 +56,10 @@ F32_CACHE_TOLERANCE = 1e-4  # with an f32 KV cache (as here) only float rounding
 @pytest.fixture(scope="module")
 def models(smollm2_dir, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("archs")
-    return {name: build_tiny_model(root / name, arch, smollm2_dir, tied=name != "qwen3", **cfg)
+    # folder "phi" (the file's general.name), not "phi3": llama.cpp gives a model named phi-3/phi3 Phi-3's
+    # special-token attributes and looks up <s>, </s> and <unk>, which the SmolLM2 vocabulary lacks
+    return {name: build_tiny_model(root / name.replace("phi3", "phi"), arch, smollm2_dir, tied=name not in UNTIED,
+                                   **cfg)
             for name, (arch, cfg) in MODELS.items()}
 
 
@@ -166,7 +174,7 @@ def test_plan_walks_every_tensor_in_file_order(models, tmp_path):
     assert dict(file)["blk.0.attn_k_norm.weight"] == "f32"
 
 
-@pytest.mark.parametrize("name", ["llama3", "qwen3"])  # linear rope changes only keys the f32 test covers
+@pytest.mark.parametrize("name", ["llama3", "qwen3", "phi3"])  # linear rope changes only keys the f32 test covers
 def test_q8_0_is_llama_cpp_s_own_and_generates(name, models, tmp_path):
     """Our q8_0 file, byte for byte, is llama.cpp's quantizer run on our f32 file (rope_freqs and q/k
     norms stay f32 in both); it loads, tracks the model's logits, and generates."""
@@ -190,14 +198,17 @@ def test_q8_0_is_llama_cpp_s_own_and_generates(name, models, tmp_path):
     assert text.startswith("Hello") and len(text) > len("Hello")
 
 
-# each method and each architecture once: AWQ's folds across Qwen3's q/k norms, GPTQ beside rope_freqs
-@pytest.mark.parametrize(("name", "method"), [("llama3", "gptq"), ("qwen3", "awq+gptq")])
+# each method and each architecture once: AWQ's folds across Qwen3's q/k norms and into Phi-3's fused
+# linears, GPTQ beside rope_freqs
+@pytest.mark.parametrize(("name", "method"), [("llama3", "gptq"), ("qwen3", "awq+gptq"), ("phi3", "awq+gptq")])
 def test_calibrated_methods_run_and_load(name, method, models, tmp_path):
     """Every linear quantized by the method; the file computes the model about as well as RTN's does."""
     calib = CalibrationConfig(samples=4, seqlen=64)  # 64 tokens: past llama3's original 32 positions
     ours = tmp_path / f"{name}-{method}.gguf"
     report = quantize(models[name], ours, type="q4_0", method=method, calibration=calib, progress=False)
-    assert len(report.linears) == 2 * 7 and {r.name.rsplit(".", 2)[-2] for r in report.linears} >= {"q_proj", "down_proj"}
+    linears = [rel for group in get_arch(read_config(models[name])).sequential_groups for rel in group]
+    assert len(report.linears) == 2 * len(linears)  # both layers, every linear of each
+    assert {r.name.rsplit(".", 1)[0].split(".", 3)[-1] for r in report.linears} == set(linears)
     rtn = tmp_path / f"{name}-rtn.gguf"
     quantize(models[name], rtn, type="q4_0", progress=False)
     ids = token_ids(96)
@@ -245,6 +256,11 @@ REFUSED = {
                    r"types: default, linear$"),
     "qwen3-llama3": ("qwen3", LLAMA3_ROPE, r"type 'llama3', .*llama\.cpp's qwen3; supported rope scaling types: "
                                            r"default, linear$"),
+    # Phi-3 128k: llama.cpp picks long or short factors by its context, transformers by each input's length
+    "phi3-longrope": ("phi3", {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+                               "original_max_position_embeddings": 64},
+                      r"config\.json has rope_parameters of type 'longrope', which llmquant does not carry into "
+                      r"llama\.cpp's phi3; supported rope scaling types: default$"),
 }
 
 
@@ -290,3 +306,60 @@ def test_bad_llama3_parameters_refused_by_name(case, models, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err == f"error: {expect}\n", err
     assert list(out_dir.iterdir()) == []
+
+
+def test_phi3_file_keeps_the_fused_projections_and_declares_the_window(models, tmp_path):
+    """attn_qkv and ffn_up hold transformers' fused rows unchanged (no permute: NeoX RoPE); the header
+    carries the partial rotary size and, since llama.cpp's phi3 attends to every earlier token, the
+    sliding window as the context, with the key written as llama.cpp's converter does."""
+    from safetensors.numpy import load_file
+
+    out = tmp_path / "phi3.gguf"
+    with pytest.warns(UserWarning, match=r"sliding_window=160: .* declares a context of 160 tokens"):
+        quantize(models["phi3"], out, type="f32", progress=False)
+    reader = gguf.GGUFReader(out)
+    fields = {k: reader.fields[k].contents() for k in reader.fields if k.startswith("phi3.")}
+    assert fields["phi3.context_length"] == 160 and fields["phi3.attention.sliding_window"] == 160
+    assert fields["phi3.rope.dimension_count"] == 8  # half of each 16-wide head
+    assert fields["phi3.rope.scaling.original_context_length"] == 4096  # Phi3Config's default, as converted
+    tensors = {t.name: t.data for t in reader.tensors}
+    assert not [n for n in tensors if re.search(r"attn_[qkv]\.|ffn_gate", n)]
+    hf = load_file(models["phi3"] / "model.safetensors")
+    for i in range(2):
+        for gguf_name, hf_name, rows in (("attn_qkv", "self_attn.qkv_proj", 128), ("ffn_up", "mlp.gate_up_proj", 384)):
+            got, want = tensors[f"blk.{i}.{gguf_name}.weight"], hf[f"model.layers.{i}.{hf_name}.weight"]
+            assert got.shape == want.shape == (rows, 64) and np.array_equal(got, want)
+    assert np.array_equal(tensors["output.weight"], hf["lm_head.weight"])
+
+
+@pytest.mark.parametrize(("change", "expect"), [
+    ({"head_dim": 32}, r"config\.json has head_dim=32; llama\.cpp's phi3 computes heads of hidden_size / "
+                       r"num_attention_heads = 16 only"),
+    ({"hidden_act": "gelu"}, r"config\.json has hidden_act='gelu'; llama\.cpp's phi3 block computes silu only"),
+])
+def test_phi3_features_llama_cpp_would_not_compute_are_refused(change, expect, models, tmp_path):
+    model_dir = _with_config(models["phi3"], tmp_path / "model", **change)
+    with pytest.raises(LlmquantError, match=f"^{expect}$"):
+        quantize(model_dir, tmp_path / "m.gguf", type="f32", progress=False)
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_phi3_awq_folds_into_the_norms_before_the_fused_linears(models, tmp_path):
+    """AWQ scales qkv_proj's and gate_up_proj's inputs and folds the inverse into input_layernorm and
+    post_attention_layernorm (the file's norms change). At q8_0, where rounding is small, the file still
+    computes the model as closely as RTN's: a fold into the wrong norm gives about 10x RTN's error."""
+    from safetensors.numpy import load_file
+
+    calib = CalibrationConfig(samples=4, seqlen=64)
+    awq, rtn = tmp_path / "awq.gguf", tmp_path / "rtn.gguf"
+    quantize(models["phi3"], awq, type="q8_0", method="awq", calibration=calib, progress=False)
+    quantize(models["phi3"], rtn, type="q8_0", progress=False)
+    hf = load_file(models["phi3"] / "model.safetensors")
+    norms = {t.name: t.data for t in gguf.GGUFReader(awq).tensors if "norm" in t.name}
+    for gguf_name, hf_name in (("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm")):
+        assert not np.allclose(norms[f"blk.0.{gguf_name}.weight"], hf[f"model.layers.0.{hf_name}.weight"]), gguf_name
+    ids = token_ids(96)
+    ref = torch_logits(models["phi3"], ids)
+    err = {p.name: rms_error(llama_cpp_logits(p, ids), ref) for p in (awq, rtn)}
+    print(f"phi3 q8_0 awq: rms logit error / rms logit {err[awq.name]:.4f}, rtn {err[rtn.name]:.4f}")
+    assert err[awq.name] < 1.3 * err[rtn.name]

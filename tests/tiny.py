@@ -13,13 +13,20 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.ji
 def build_tiny_model(out: Path, arch: str, tokenizer_dir: Path, *, hidden: int = 64, layers: int = 2,
                      tied: bool = True, seed: int = 0, intermediate: int | None = None, heads: int = 4,
                      kv_heads: int = 2, random_norms: bool = False, **config) -> Path:
-    """A random ``arch`` (llama | mistral | qwen2 | qwen3) checkpoint in ``out`` with a real tokenizer.
+    """A random ``arch`` (llama | mistral | qwen2 | qwen3 | phi3) checkpoint in ``out`` with a real tokenizer.
 
     config: further config keywords (attention_bias=True, sliding_window=16, ...).
     random_norms: draw every norm weight around 1 (1 + N(0, 0.3)) instead of keeping it at 1,
     so that a norm written in the wrong place (q_norm for k_norm) changes the logits.
     """
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (
+        AutoModelForCausalLM,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     common = dict(
         vocab_size=49152, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden + 64,
@@ -29,7 +36,8 @@ def build_tiny_model(out: Path, arch: str, tokenizer_dir: Path, *, hidden: int =
     common.update(config)
     if arch == "qwen3":  # Qwen3Config's head_dim defaults to 128, not hidden / heads
         common.setdefault("head_dim", hidden // heads)
-    classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+    classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+               "phi3": Phi3Config}
     config = classes[arch](**common)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)

@@ -131,19 +131,25 @@ def qwen2_window(cfg: dict) -> int | None:
     return config_int(cfg, "sliding_window") if sliding and cfg.get("sliding_window") is not None else None
 
 
-def write_llama_hparams(w: gguf.GGUFWriter, cfg: dict, window: Callable[[dict], int | None] | None = None,
-                        default_head_dim: int | None = None) -> None:
-    n_head = int(cfg["num_attention_heads"])
-    hidden = int(cfg["hidden_size"])
-    head = head_dim(cfg, default_head_dim)
+def declared_context(cfg: dict, window: Callable[[dict], int | None] | None = None) -> int:
+    """The context the file declares: max_position_embeddings, or a shorter sliding window (with a warning)
+    for a graph that attends to every earlier token, where full causal attention is the sliding one."""
     context = int(cfg.get("max_position_embeddings", 2048))
     span = window(cfg) if window else None
     if span is not None and span < context:
         warnings.warn(f"sliding_window={span}: llama.cpp has no sliding-window attention for this architecture; "
                       f"the file declares a context of {span} tokens (not max_position_embeddings={context}), "
-                      "within which it computes exactly what transformers does", stacklevel=2)
+                      "within which it computes exactly what transformers does", stacklevel=3)
         context = span
-    w.add_context_length(context)
+    return context
+
+
+def write_llama_hparams(w: gguf.GGUFWriter, cfg: dict, window: Callable[[dict], int | None] | None = None,
+                        default_head_dim: int | None = None) -> None:
+    n_head = int(cfg["num_attention_heads"])
+    hidden = int(cfg["hidden_size"])
+    head = head_dim(cfg, default_head_dim)
+    w.add_context_length(declared_context(cfg, window))
     w.add_embedding_length(hidden)
     w.add_block_count(int(cfg["num_hidden_layers"]))
     w.add_feed_forward_length(int(cfg["intermediate_size"]))
