@@ -89,7 +89,7 @@ def quantize(
     calib = calibration or CalibrationConfig()
     check_run_paths(out, model_dir, report=None if report is None else Path(report),
                     inputs={calib.text_file: "the calibration text (--calib-text)"})
-    store = WeightStore(model_dir)
+    store = WeightStore(model_dir, spec.checkpoint_renames)
     plan = plan_tensors(spec, config, store, recipe, pure)
     meth = method if isinstance(method, Method) else make_method(method, **(method_options or {}))
     tokens = runner = None

@@ -111,9 +111,22 @@ def plan_tensors(spec: ArchSpec, config: dict, store: WeightStore, recipe: Recip
 
 
 def _has_own_head(spec: ArchSpec, config: dict, store: WeightStore) -> bool:
-    """transformers ties a head to the embedding only when the checkpoint holds no head, or the same values."""
-    return spec.head in store and (not config.get("tie_word_embeddings", False)
-                                   or not store.same_values(spec.embed, spec.head))
+    """Whether the model's output head is a tensor of its own, as transformers decides it.
+
+    tie_word_embeddings (where config.json omits it, the default of the architecture's config
+    class: ``spec.tie_default``) ties the head to the embedding unless the checkpoint holds a head
+    with other values; untied, the head must be in the checkpoint (transformers would draw a
+    random one).
+    """
+    tied = config.get("tie_word_embeddings", spec.tie_default)
+    if spec.head not in store:
+        if not tied:
+            said = "has tie_word_embeddings=false" if "tie_word_embeddings" in config else \
+                f"omits tie_word_embeddings, which for {(config.get('architectures') or spec.hf_architectures)[0]} means false"
+            raise LlmquantError(f"tensor {spec.head} is missing from the checkpoint, and config.json {said}: "
+                                "transformers would give the model a random output head")
+        return False
+    return not tied or not store.same_values(spec.embed, spec.head)
 
 
 def _checkpoint_names(spec: ArchSpec, config: dict, store: WeightStore, n_layers: int,

@@ -1,4 +1,5 @@
-"""Gemma 3: a tiny random one against HF torch in llama.cpp, calibrated methods on it, and the real 270M."""
+"""Gemma 3: a tiny random one against HF torch in llama.cpp, calibrated methods on it, the text part of a
+Gemma3ForConditionalGeneration, the tied-head default, and the real 270M."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from exact_grid import assert_file_holds
 from test_awq import RecordingAWQ, RecordingAWQGPTQ
 from test_gptq_pipeline import RecordingGPTQ
-from tiny_gemma3 import LAYER_TYPES, WINDOW, build_tiny_gemma3
+from tiny_gemma3 import LAYER_TYPES, WINDOW, build_tiny_gemma3, build_tiny_gemma3_multimodal
 
 from llmquant import CalibrationConfig, LlmquantError, quantize
 from llmquant.export.arch import get_arch
@@ -188,6 +189,193 @@ def test_calibrated_methods_run_on_gemma3_and_the_file_holds_their_weights(cls, 
     assert len(errs) == 7 * N_LAYERS and np.mean([r.err_method / r.err_rtn for r in errs]) < 1
     text = generate(out, "Hello", max_tokens=4)
     assert text.startswith("Hello") and len(text) > len("Hello")
+
+
+# --------------------------------------------------------------------------- tie_word_embeddings's default
+
+
+def _without_tie_key(src: Path, dst: Path) -> Path:
+    """A copy of ``src`` (weights linked) whose config.json says nothing about tie_word_embeddings."""
+    import json
+
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).symlink_to(f)
+    (dst / "config.json").unlink()
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.pop("tie_word_embeddings")
+    if isinstance(cfg.get("text_config"), dict):
+        cfg["text_config"].pop("tie_word_embeddings", None)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_tie_default_of_every_spec_is_transformers_own():
+    """Where config.json omits tie_word_embeddings, each spec assumes what its transformers config class does."""
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    from llmquant.export.arch import supported_architectures
+
+    model_type = {cls: mt for names in (MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+                  for mt, cls in names.items() if isinstance(cls, str)}
+    defaults = {arch: CONFIG_MAPPING[model_type[arch]]().tie_word_embeddings for arch in supported_architectures()}
+    assert {a: get_arch({"architectures": [a]}).tie_default for a in defaults} == defaults
+    assert defaults["Gemma3ForCausalLM"] and defaults["Gemma3ForConditionalGeneration"]
+    assert not defaults["LlamaForCausalLM"]
+
+
+def test_gemma3_config_without_the_tie_key_is_tied(tiny_gemma3, smollm2_dir, tmp_path):
+    """Gemma 3 without the key: tied, as transformers builds it (its head is the embedding); the same
+    checkpoint read as a llama (untied by default) has no head, which is an error naming the key."""
+    import json
+
+    model = _without_tie_key(tiny_gemma3, tmp_path / "gemma")
+    out = tmp_path / "f32.gguf"
+    report = quantize(model, out, type="f32", progress=False)
+    assert "output.weight" not in {t.name for t in report.tensors}
+    ids = _ids(24)
+    ref = _hf_logits(model, ids)
+    llm = load_llama(out, n_ctx=64, logits_all=True)
+    llm.eval(ids)
+    assert np.abs(np.asarray(llm.scores[: len(ids)]) - ref).max() < 2e-3 * np.abs(ref).max()
+    llama = _without_tie_key(smollm2_dir, tmp_path / "llama")
+    assert "tie_word_embeddings" not in json.loads((llama / "config.json").read_text())
+    with pytest.raises(LlmquantError, match=r"tensor lm_head\.weight is missing from the checkpoint, and config\.json "
+                                            r"omits tie_word_embeddings, which for LlamaForCausalLM means false"):
+        quantize(llama, tmp_path / "llama.gguf", type="f32", progress=False)
+    assert not (tmp_path / "llama.gguf").exists()
+
+
+# --------------------------------------------------------------------------- Gemma3ForConditionalGeneration
+
+MULTIMODAL = {  # the layout transformers saves (tied, and without the tie key), its module names (untied)
+    "saved": dict(tied=True),
+    "saved-no-tie-key": dict(tied=True),
+    "module-names": dict(tied=False, module_names=True),
+}
+VISION_SKIPPED = (r"not written: (model\.)?multi_modal_projector\.\S+ and \d+ more \(the vision tower and its "
+                  r"projector: llama\.cpp's text model has none; its converter writes them to a separate mmproj file\)")
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3_mm(smollm2_dir, tmp_path_factory) -> Path:
+    return build_tiny_gemma3_multimodal(tmp_path_factory.mktemp("gemma3mm") / "tiny", smollm2_dir)
+
+
+def _multimodal(variant: str, tiny_gemma3_mm: Path, smollm2_dir: Path, tmp_path: Path) -> Path:
+    if variant == "saved":
+        return tiny_gemma3_mm
+    if variant == "saved-no-tie-key":
+        return _without_tie_key(tiny_gemma3_mm, tmp_path / "mm")
+    return build_tiny_gemma3_multimodal(tmp_path / "mm", smollm2_dir, **MULTIMODAL[variant])
+
+
+@pytest.mark.parametrize("variant", list(MULTIMODAL))
+def test_gemma3_multimodal_text_part_matches_torch(variant, tiny_gemma3_mm, smollm2_dir, tmp_path):
+    """The language model of a Gemma3ForConditionalGeneration, in llama.cpp, gives the logits of
+    transformers' Gemma3ForConditionalGeneration on text, early and late positions; the file holds
+    the tensors of the equal Gemma3ForCausalLM's file, bit for bit, and no vision tensor."""
+    import json
+
+    model = _multimodal(variant, tiny_gemma3_mm, smollm2_dir, tmp_path)
+    cfg = json.loads((model / "config.json").read_text())
+    assert cfg["architectures"] == ["Gemma3ForConditionalGeneration"] and "vision_config" in cfg
+    out = tmp_path / "f32.gguf"
+    with pytest.warns(UserWarning, match=VISION_SKIPPED):
+        quantize(model, out, type="f32", progress=False)
+    ids = _ids(40)
+    ref = _hf_logits(model, ids)
+    llm = load_llama(out, n_ctx=64, logits_all=True)
+    llm.eval(ids)
+    err = np.abs(np.asarray(llm.scores[: len(ids)]) - ref).max(axis=1)
+    tol = 2e-3 * np.abs(ref).max()
+    assert err[:WINDOW].max() < tol and err[WINDOW:].max() < tol
+    twin = build_tiny_gemma3(tmp_path / "twin", smollm2_dir, tied=MULTIMODAL[variant]["tied"])
+    twin_out = quantize(twin, tmp_path / "twin.gguf", type="f32", progress=False).out
+    _assert_same_tensors(out, twin_out, own_head=not MULTIMODAL[variant]["tied"])
+
+
+def _assert_same_tensors(a: Path, b: Path, own_head: bool) -> None:
+    ours, theirs = ({t.name: t for t in gguf.GGUFReader(p).tensors} for p in (a, b))
+    assert list(ours) == list(theirs) and ("output.weight" in ours) == own_head
+    for name, t in ours.items():
+        assert t.tensor_type == theirs[name].tensor_type and np.array_equal(t.data, theirs[name].data), name
+
+
+def test_gemma3_multimodal_calibrated_equals_its_text_twin(tiny_gemma3_mm, tiny_gemma3, tmp_path):
+    """GPTQ on the wrapper replays its text model's real layers: the file holds the weights the method
+    chose, and they are those it chooses for the equal Gemma3ForCausalLM, bit for bit."""
+    files = {}
+    for name, model in (("mm", tiny_gemma3_mm), ("text", tiny_gemma3)):
+        method = RecordingGPTQ()
+        out = tmp_path / f"{name}.gguf"
+        report = quantize(model, out, type="q4_0", method=method, calibration=CALIB, progress=False)
+        assert_file_holds(model, out, method.w_hat, "q4_0", n_layers=N_LAYERS)
+        errs = [r for r in report.linears if r.err_method is not None]
+        assert len(errs) == 7 * N_LAYERS and np.mean([r.err_method / r.err_rtn for r in errs]) < 1
+        files[name] = out
+    _assert_same_tensors(files["mm"], files["text"], own_head=False)
+
+
+def test_gemma3_multimodal_layer_replay_reproduces_its_text_model(tiny_gemma3_mm):
+    """The replayed layers of the wrapper's text part give transformers' Gemma3ForConditionalGeneration
+    hidden states (its language_model's), layer by layer from its scaled embedding."""
+    from transformers import AutoModelForCausalLM
+
+    from llmquant.loading.layers import LayerRunner
+
+    config = read_config(tiny_gemma3_mm)
+    spec = get_arch(config)
+    assert spec.text_config == "text_config" and config["model_type"] == "gemma3_text"
+    store = WeightStore(tiny_gemma3_mm, spec.checkpoint_renames)
+    runner = LayerRunner(tiny_gemma3_mm, store, spec.layer_prefix)
+    tokens = torch.randint(10, 49000, (2, 40), generator=torch.Generator().manual_seed(0))
+    hidden = store.get(spec.embed)[tokens] * torch.tensor(spec.embed_scale(config))
+    runner.capture_kwargs(hidden)
+    for i in range(N_LAYERS):
+        layer = runner.build(i, {n: store.get(n) for n in spec.layer_names(i, store.__contains__)})
+        hidden = runner.forward(layer, hidden)
+        runner.free(i)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_gemma3_mm, dtype=torch.float32)
+    assert type(hf).__name__ == "Gemma3ForConditionalGeneration"
+    with torch.no_grad():
+        lm = hf.model.language_model
+        assert torch.allclose(lm.norm(hidden), lm(tokens).last_hidden_state, atol=1e-5, rtol=0)
+
+
+def test_gemma3_multimodal_without_text_config_is_refused(tiny_gemma3_mm, tmp_path):
+    """A flat config would be read by transformers as the default text_config's model: refused by name."""
+    import json
+
+    model = _without_tie_key(tiny_gemma3_mm, tmp_path / "flat")
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**{k: v for k, v in cfg.items() if k != "text_config"},
+                                                   **cfg["text_config"], "architectures": cfg["architectures"]}))
+    with pytest.raises(LlmquantError, match=r"^config\.json of a Gemma3ForConditionalGeneration has no text_config "
+                                            r"object, the config of its language model$"):
+        quantize(model, tmp_path / "m.gguf", type="f32", progress=False)
+
+
+def test_gemma3_multimodal_with_both_layouts_is_refused(tiny_gemma3_mm, tmp_path):
+    """A tensor under both names (language_model.model.X and model.language_model.X) is ambiguous."""
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "both"
+    model.mkdir()
+    for f in tiny_gemma3_mm.iterdir():
+        if f.name != "model.safetensors":
+            (model / f.name).symlink_to(f)
+    weights = load_file(tiny_gemma3_mm / "model.safetensors")
+    extra = {"model.language_model.norm.weight": weights["language_model.model.norm.weight"].clone()}
+    save_file({**weights, **extra}, model / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LlmquantError, match=r"tensors language_model\.model\.norm\.weight and "
+                                            r"model\.language_model\.norm\.weight are both the model's "
+                                            r"model\.norm\.weight; which one the model means is ambiguous"):
+        quantize(model, tmp_path / "m.gguf", type="f32", progress=False)
 
 
 # --------------------------------------------------------------------------- the real gemma-3-270m

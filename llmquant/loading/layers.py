@@ -49,7 +49,9 @@ class LayerRunner:
 
         self.store = store
         self.layer_prefix = layer_prefix
-        config = AutoConfig.from_pretrained(model_dir)
+        # the language model's own config: itself for a causal LM, text_config for a multimodal wrapper
+        # (Gemma3ForConditionalGeneration), whose decoder layers are those of its text model
+        config = AutoConfig.from_pretrained(model_dir).get_text_config()
         config.use_cache = False
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)

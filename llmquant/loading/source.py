@@ -85,11 +85,43 @@ def _hub_reason(exc: Exception) -> str:
 
 
 def read_config(model_dir: Path) -> dict:
-    """config.json as a dict, with a one-line error when it is unreadable."""
+    """The model's config as the spec reads it, with a one-line error when it is unreadable.
+
+    That is config.json, except for a checkpoint whose architecture's spec quantizes the language
+    model inside it (``spec.text_config``: Gemma3ForConditionalGeneration): then the language model's
+    config, as transformers builds it from that key (its defaults filled in: the releases' text
+    configs leave most sizes to them), under the top level's ``architectures`` and (where given)
+    ``tie_word_embeddings``, the one transformers ties the wrapper's head by (and the key itself, as
+    config.json has it).
+    """
     try:
         cfg = json.loads((model_dir / "config.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise LlmquantError(f"cannot read {model_dir / 'config.json'}: {exc}") from None
     if not isinstance(cfg, dict):
         raise LlmquantError(f"{model_dir / 'config.json'} is not a JSON object")
-    return cfg
+    if "text_config" not in cfg:
+        return cfg
+    from ..export.arch import get_arch
+
+    key = get_arch(cfg).text_config
+    return cfg if key is None else _language_model_config(model_dir, cfg, key)
+
+
+def _language_model_config(model_dir: Path, cfg: dict, key: str) -> dict:
+    if not isinstance(cfg.get(key), dict):
+        raise LlmquantError(f"config.json has {key}={json.dumps(cfg.get(key))}; expected an object")
+    try:
+        from transformers import AutoConfig
+
+        text = getattr(AutoConfig.from_pretrained(model_dir), key).to_dict()
+    except Exception as exc:  # transformers' own validation of the config: any failure means "unreadable"
+        reason = " ".join(str(exc).split())
+        reason = (reason[:297] + "...") if len(reason) > 300 else reason or type(exc).__name__
+        raise LlmquantError(f"cannot read the language model's config ({key} of {model_dir / 'config.json'}): "
+                            f"{reason}") from None
+    merged = {k: v for k, v in text.items() if not k.startswith("_") and k not in ("architectures", "tie_word_embeddings")}
+    for k in ("architectures", "tie_word_embeddings", "_name_or_path", key):  # key: as config.json has it
+        if k in cfg:
+            merged[k] = cfg[k]
+    return merged

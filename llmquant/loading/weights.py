@@ -10,6 +10,7 @@ the number of layers.
 from __future__ import annotations
 
 import json
+import re
 import struct
 import warnings
 from dataclasses import dataclass
@@ -38,17 +39,23 @@ class TensorEntry:
 class WeightStore:
     """Index of every tensor in a checkpoint folder; reads tensors lazily as float32."""
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, renames: tuple[tuple[str, str], ...] = ()):
+        """renames: (regex, replacement) pairs, the first that matches a tensor's name giving the name
+        it is known by here (a spec's ``checkpoint_renames``); ``entry.name`` stays the file's."""
         self.model_dir = model_dir
         self.files = files = self._shard_files(model_dir)
         self.entries: dict[str, TensorEntry] = {}
         for f in files:
             for entry in _read_header(f):
-                other = self.entries.get(entry.name)
-                if other is not None:
+                name = _renamed(entry.name, renames)
+                other = self.entries.get(name)
+                if other is not None and other.name == entry.name:
                     raise LlmquantError(f"tensor {entry.name} is in both {other.file.name} and {f.name}; "
                                         "which one the model means is ambiguous")
-                self.entries[entry.name] = entry
+                if other is not None:  # two layouts at once
+                    raise LlmquantError(f"tensors {other.name} and {entry.name} are both the model's {name}; "
+                                        "which one the model means is ambiguous")
+                self.entries[name] = entry
 
     @staticmethod
     def _shard_files(model_dir: Path) -> list[Path]:
@@ -125,6 +132,14 @@ class WeightStore:
         if not torch.isfinite(t).all():
             raise LlmquantError(f"tensor {name} holds NaN or Inf values; refusing to quantize it")
         return t
+
+
+def _renamed(name: str, renames: tuple[tuple[str, str], ...]) -> str:
+    for pattern, replacement in renames:
+        new, n = re.subn(pattern, replacement, name, count=1)
+        if n:
+            return new
+    return name
 
 
 def read_weight_map(index: Path) -> dict[str, str]:

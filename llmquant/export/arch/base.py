@@ -141,6 +141,15 @@ class ArchSpec:
     # which llama.cpp applies itself, so the file holds the plain rows); None: none. Calibration feeds
     # layer 0 the scaled rows
     embed_scale: Callable[[dict], float] | None = None
+    # what transformers' config class of the architecture assumes when config.json omits
+    # tie_word_embeddings (llama, mistral, qwen2/3: untied; Gemma 3: tied)
+    tie_default: bool = False
+    # (regex, replacement) pairs that bring the names of other checkpoint layouts to the spec's, the
+    # first matching one per tensor, as transformers' checkpoint conversion mapping renames them on load
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
+    # the config.json key holding the language model's config (a multimodal checkpoint whose text part
+    # is quantized); read_config hands the spec that config, with transformers' defaults filled in
+    text_config: str | None = None
 
     def check_config(self, config: dict) -> None:
         """The config's keys against ``config_keys``, then the features llama.cpp must compute."""

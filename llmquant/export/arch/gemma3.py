@@ -1,4 +1,5 @@
-"""Gemma 3 (text): ``Gemma3ForCausalLM``, llama.cpp's ``gemma3``.
+"""Gemma 3 (text): ``Gemma3ForCausalLM``, llama.cpp's ``gemma3``, and the text part of
+``Gemma3ForConditionalGeneration`` (see GEMMA3_MULTIMODAL at the end).
 
 What it changes against the llama block, each a fact llama.cpp's gemma3 graph
 computes the way transformers' Gemma3 code does:
@@ -33,6 +34,7 @@ outputs of o_proj and down_proj, not on any group's input.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import gguf
@@ -261,5 +263,42 @@ GEMMA3 = register(
         config_keys=_CONFIG_KEYS,
         norm_offset=1.0,
         embed_scale=embed_scale,
+        tie_default=True,  # Gemma3TextConfig's default
+    )
+)
+
+
+def check_gemma3_multimodal(cfg: dict) -> None:
+    """The wrapper's language model is its text_config (read_config hands the spec that config)."""
+    if not isinstance(cfg.get("text_config"), dict):
+        raise LlmquantError("config.json of a Gemma3ForConditionalGeneration has no text_config object, the "
+                            "config of its language model")
+    check_gemma3_features(cfg)
+
+
+# Gemma3ForConditionalGeneration (the multimodal 4B/12B/27B): its text part is this very language
+# model, and llama.cpp's text GGUF of it (its converter's Gemma3Model) holds only that part: the text
+# config from text_config, the tensors without their ``language_model`` prefix, the vision tower and
+# projector left for a separate mmproj file. Checkpoints come in two layouts: the one transformers
+# saves (``language_model.model.layers.N``, ``language_model.lm_head``, ``vision_tower``,
+# ``multi_modal_projector``) and its module names (``model.language_model.layers.N``, ``lm_head``,
+# ``model.vision_tower``, ``model.multi_modal_projector``); both load the same model.
+GEMMA3_MULTIMODAL = register(
+    dataclasses.replace(
+        GEMMA3,
+        hf_architectures=("Gemma3ForConditionalGeneration",),
+        text_config="text_config",
+        check_features=check_gemma3_multimodal,
+        tie_default=True,  # Gemma3Config's (the top level's tie_word_embeddings is the one transformers reads)
+        checkpoint_renames=(
+            (r"^language_model\.model\.", "model."),
+            (r"^language_model\.lm_head\.", "lm_head."),
+            (r"^model\.language_model\.", "model."),
+        ),
+        skipped_tensors=(
+            (r"(?:model\.)?(?:vision_tower|multi_modal_projector)\..+",
+             "the vision tower and its projector: llama.cpp's text model has none; its converter writes them "
+             "to a separate mmproj file"),
+        ),
     )
 )
