@@ -36,7 +36,7 @@ def _add_quantize(sub) -> None:
                    help="continue an interrupted run from its work folder OUT.llmquant-work (same settings)")
     p.add_argument("--report", type=Path, default=None,
                    help="also write the full report as JSON (per-linear error vs RTN, time, method choices)")
-    g = p.add_argument_group("calibration (gptq, awq, awq+gptq)")
+    g = p.add_argument_group("calibration (every method but rtn)")
     g.add_argument("--calib-text", type=Path, default=None, help="text file for calibration")
     g.add_argument("--calib-dataset", default=None, help="Hugging Face dataset name (needs hub access)")
     g.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 128)")
@@ -48,11 +48,15 @@ def _add_quantize(sub) -> None:
     g.add_argument("--no-scale-search", action="store_true",
                    help="gptq, awq+gptq: keep llama.cpp's scale rule per block")
     g.add_argument("--awq-grid", type=int, default=None, help="awq, awq+gptq: alpha grid points in [0, 1) (default 20)")
+    g.add_argument("--tune-steps", type=int, default=None, help="tune methods: steps per layer (default 50)")
+    g.add_argument("--tune-lr", type=float, default=None, help="tune methods: signed-gradient step of the rounding offsets, in codes (default 5e-3)")
+    g.add_argument("--tune-batch", type=int, default=None, help="tune methods: calibration sequences per step (default 1)")
 
 
 # method option (constructor keyword) -> (argparse dest, value from the typed flag); only typed flags are passed
 _METHOD_FLAGS = {"damp": ("damp", None), "act_order": ("act_order", None),
-                 "scale_search": ("no_scale_search", lambda v: not v), "n_grid": ("awq_grid", None)}
+                 "scale_search": ("no_scale_search", lambda v: not v), "n_grid": ("awq_grid", None),
+                 "steps": ("tune_steps", None), "lr": ("tune_lr", None), "tune_batch": ("tune_batch", None)}
 _CALIB_FLAGS = {"samples": "calib_samples", "seqlen": "calib_seqlen", "seed": "seed",
                 "text_file": "calib_text", "dataset": "calib_dataset"}
 

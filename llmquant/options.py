@@ -37,6 +37,9 @@ BOUNDS = {
     "scale_search": Bound("--no-scale-search", bool),
     "n_grid": Bound("--awq-grid", int, 1, 1000),  # each point is a full RTN pass over a group
     "block_cols": Bound("block_cols", int, 1),
+    "steps": Bound("--tune-steps", int, 0, 100000),
+    "lr": Bound("--tune-lr", float, 0, 1),
+    "tune_batch": Bound("--tune-batch", int, 1),
     # generate
     "max_tokens": Bound("--max-tokens", int, 1),
     "ctx": Bound("--ctx", int, 1, 1 << 20),

@@ -84,6 +84,12 @@ class QuantReport:
         if errs:
             ratio = sum(r.err_method / r.err_rtn for r in errs) / len(errs)
             lines.append(f"  output error vs rtn: mean ratio {ratio:.3f} over {len(errs)} linears")
+        tuned = {r.extra["tune"]["layer"]: r.extra["tune"] for r in self.linears if "tune" in r.extra}.values()
+        if tuned:
+            ratios = [t["layer_err_tuned"] / t["layer_err_start"] for t in tuned if t["layer_err_start"] > 0]
+            kept = sum(t["kept"] == "tuned" for t in tuned)
+            mean = f"mean ratio {sum(ratios) / len(ratios):.3f}, " if ratios else ""
+            lines.append(f"  tuning: layer output error vs its start {mean}tuned kept in {kept} of {len(tuned)} layers")
         notes = Counter(t.note for t in self.tensors if t.note)
         lines += [f"  note: {n} ({c} tensor{'s' if c > 1 else ''})" for n, c in notes.items()]
         return "\n".join(lines)

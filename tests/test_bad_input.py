@@ -758,7 +758,8 @@ def _generated_option_cases():
     bounds = {b.flag: b for b in BOUNDS.values()}
     for opt, _ in _numeric_flags():
         b = bounds[opt]  # KeyError: a numeric option without a declared range
-        method = "rtn" if opt == "--threads" else "awq" if opt == "--awq-grid" else "gptq"
+        method = "rtn" if opt == "--threads" else "awq" if opt == "--awq-grid" else \
+            "tune" if opt.startswith("--tune-") else "gptq"
         values = ["-1", "nan", "inf"] + ([] if b.low is not None and b.low <= 0 else ["0"])
         values += ["1" + "0" * 30] if b.high is not None else []
         for v in values:

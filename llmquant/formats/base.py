@@ -138,6 +138,16 @@ class BlockFormat:
                           mins=None if mins is None else torch_grid.f16_round(mins, saturate))
 
     @classmethod
+    def project_under(cls, start: QuantBlocks, scales: torch.Tensor, mins: torch.Tensor | None = None) -> Projection:
+        """Ideal per-block scales (and mins) [n] -> stored ones, keeping what ``start`` fixed above the blocks.
+
+        A method that moves block scales a little at a time (tuning) needs a
+        projection that gives back ``start``'s own grid for ``start``'s own
+        scales. Legacy types have nothing above the block: ``project``.
+        """
+        return cls.project(scales, mins)
+
+    @classmethod
     def blocks(cls, codes: torch.Tensor, p: Projection) -> QuantBlocks:
         """Codes (n·sub_size values, block major) on a projection -> the numpy QuantBlocks pack takes."""
         return QuantBlocks(codes=codes.detach().to("cpu", torch.int16).reshape(-1, cls.sub_size).numpy(),

@@ -118,6 +118,30 @@ class KQuantFormat(BlockFormat):
         raise NotImplementedError
 
     @classmethod
+    def project_under(cls, start: QuantBlocks, scales: torch.Tensor, mins: torch.Tensor | None = None) -> Projection:
+        """Sub-scales (and sub-mins) nearest to ideal ones [n·n_sub] under ``start``'s super-scales d (dmin).
+
+        ``sc = clip(round(s / d), sc_min, sc_max)``, ``m = clip(round(−min / dmin), 0, m_max)``, ties
+        to even, 0 under a zero super-scale: for ``start``'s own flat scales this is ``start``'s grid
+        (``project`` would re-derive d from the largest sub-scale, another grid).
+        """
+        cls._check_mins(mins)
+        g = start.grid
+        s = cls._sub_rows(scales)
+        d = as_torch(g.d, np.float32).to(s.device)
+
+        def levels(v: torch.Tensor, sup: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+            ok = sup != 0
+            lv = torch.round(v / torch.where(ok, sup, torch.ones_like(sup))[:, None]).clamp_(lo, hi)
+            return torch.where(ok[:, None], lv, torch.zeros_like(lv)).to(torch.int32)
+
+        sc = levels(s, d, cls.sc_min, cls.sc_max)
+        if mins is None:
+            return cls._projection(d, sc)
+        dmin = as_torch(g.dmin, np.float32).to(s.device)
+        return cls._projection(d, sc, dmin, levels(-cls._sub_rows(mins), dmin, 0, cls.m_max))
+
+    @classmethod
     def _projection(cls, d: torch.Tensor, sc: torch.Tensor, dmin: torch.Tensor | None = None,
                     m: torch.Tensor | None = None) -> Projection:
         scales, mins = flat_view(d, sc, dmin, m)

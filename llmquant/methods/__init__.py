@@ -6,7 +6,10 @@ from ..errors import LlmquantError
 from . import gptq_method  # noqa: F401  (imported for registration, in the order the CLI lists them)
 
 # isort: split
-from . import awq  # noqa: F401
+from . import (
+    awq,  # noqa: F401
+    tune,  # noqa: F401
+)
 from .base import LinearReport, Method, method_registry
 
 METHODS = tuple(method_registry())

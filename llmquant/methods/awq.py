@@ -428,8 +428,9 @@ class AWQMethod(Method, method="awq"):
         st.G = G / (st.s[:, None] * st.s[None, :])
         return revised
 
-    def _codes_for(self, W: torch.Tensor, st: _Group, fmt: type[BlockFormat]) -> tuple[QuantBlocks, dict]:
-        return grid_codes(W, st.G, fmt, self.clip_ratios)
+    def _codes_for(self, W: torch.Tensor, st: _Group, fmt: type[BlockFormat]) -> tuple[QuantBlocks, dict, torch.Tensor | None]:
+        """Codes on fmt's grid, the method's choices, and the weights rounded if not W (``Method.rounded``)."""
+        return (*grid_codes(W, st.G, fmt, self.clip_ratios), None)
 
     def quantize(self, name, group, W, fmt):
         st = self._groups.get(group) if group else None
@@ -437,7 +438,8 @@ class AWQMethod(Method, method="awq"):
             return super().quantize(name, group, W, fmt)
         t0 = time.perf_counter()
         W = W.to(torch.float32)
-        q, stats = self._codes_for(W, st, fmt)
+        q, stats, rounded = self._codes_for(W, st, fmt)
+        self._keep_rounded(name, rounded)
         W_hat = torch.from_numpy(fmt.dequantize(q)).reshape(W.shape)
         rel = next((r for r in st.base if name == r + ".weight" or name.endswith("." + r + ".weight")), None)
         err_rtn, norm = st.base.get(rel, (float("nan"), 0.0))
@@ -468,8 +470,8 @@ class AWQGPTQMethod(AWQMethod, method="awq+gptq"):
         except HessianError as exc:
             warnings.warn(f"{exc}; AWQ clip search instead of GPTQ", stacklevel=3)
             q, stats = grid_codes(W, st.G, fmt, self.clip_ratios)
-            return q, {**stats, "fallback": str(exc)}
-        return res.q, {"damp": res.damp, "dead_columns": res.n_dead}
+            return q, {**stats, "fallback": str(exc)}, None
+        return res.q, {"damp": res.damp, "dead_columns": res.n_dead}, res.rounded
 
 
 __all__ = ["AWQMethod", "AWQGPTQMethod", "channel_map", "clip_search", "fold_scales", "rtn_error", "scales_for"]

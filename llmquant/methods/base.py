@@ -93,6 +93,16 @@ class Method:
         q = fmt.rtn(W.reshape(-1, fmt.block_size).numpy())
         return q, LinearReport(name)
 
+    def rounded(self, name: str) -> torch.Tensor | None:
+        """The continuous weights [co, ci] the last ``quantize`` of ``name`` rounded, where they are
+        not the weights it was given (GPTQ: its error-updated weights, whose nearest codes its codes
+        are); None otherwise. Handed out once: a tuning method starts from them."""
+        return self.__dict__.get("_rounded", {}).pop(name, None)
+
+    def _keep_rounded(self, name: str, W: torch.Tensor | None) -> None:
+        if W is not None:
+            self.__dict__.setdefault("_rounded", {})[name] = W
+
     def end_group(self, group: str) -> None:
         """Free whatever was gathered for a finished group."""
 

@@ -296,6 +296,7 @@ class GPTQResult:
     rel_err_rtn: float
     damp: float
     n_dead: int
+    rounded: torch.Tensor | None = None  # [co, ci] the error-updated weights the walk rounded into q
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
@@ -345,6 +346,9 @@ def _block_grid(w, h, U, fmt, scale_search: bool, search_loss: str):
 def _walk(W, Hinv, fmt, S, M, block_cols, col_block=None, choose=None):
     """The GPTQ column walk, in place on W [co, ci] (visiting order): codes [co, ci].
 
+    On return W holds, column by column, the error-updated weights the walk rounded
+    (what a tuning method starts from: GPTQ's codes are their nearest codes).
+
     Hinv [ci, ci]: upper Cholesky factor of H⁻¹ (visiting order). S, M
     [co, ci/sub]: the effective scale (and min) of every sub-block. Static
     groups: col_block [ci] names the sub-block of each visited column and S, M
@@ -373,6 +377,7 @@ def _walk(W, Hinv, fmt, S, M, block_cols, col_block=None, choose=None):
                 d, m = S[:, b], None if M is None else M[:, b]
                 w = W1[:, i]
                 c = _codes(w[:, None], d, m, fmt)[:, 0]
+                W[:, j] = w  # before the update below, which moves w onto its grid point
                 Err1[:, i] = (w - _dequant(c[:, None], d, m)[:, 0]) / Hinv1[i, i]
                 W1[:, i:] -= Err1[:, i, None] * Hinv1[i, i:][None, :]
                 Q[:, j] = c
@@ -481,11 +486,13 @@ def gptq_quantize(
     Q = _walk(W, Hinv.to(torch.float32), fmt, S, M, block_cols, col_block, None if act_order else choose)
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
+        W = W[:, torch.argsort(perm)]
     q = _assemble(Q, pieces, fmt, act_order) if two_level else _quant_blocks(Q, S, M)
     W_hat = torch.from_numpy(fmt.dequantize(q)).reshape(co, ci)
     W_rtn = torch.from_numpy(fmt.dequantize(fmt.rtn(_blocks(W0, gw).numpy()))).reshape(co, ci)
     rel, rel_rtn = _rel_err(W0, H0, W_hat, W_rtn)
-    return GPTQResult(q=q, W_hat=W_hat, rel_err=rel, rel_err_rtn=rel_rtn, damp=damp, n_dead=int(dead.sum()))
+    return GPTQResult(q=q, W_hat=W_hat, rel_err=rel, rel_err_rtn=rel_rtn, damp=damp, n_dead=int(dead.sum()),
+                      rounded=W)
 
 
 __all__ = [

@@ -45,6 +45,7 @@ class GPTQMethod(Method, method="gptq"):
             return q, report
         report = LinearReport(name, seconds=time.perf_counter() - t0, err_rtn=res.rel_err_rtn, err_method=res.rel_err,
                               extra={"damp": res.damp, "dead_columns": res.n_dead})
+        self._keep_rounded(name, res.rounded)
         return res.q, report
 
     def end_group(self, group: str) -> None:

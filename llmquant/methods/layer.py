@@ -40,8 +40,9 @@ class LayerWork:
              cos/sin, mask: [1, ...], broadcast over batches)
     formats: module path of each linear to quantize -> its target format
     groups:  the true-sequential groups (only members in ``formats``), in order
-    continuous: filled by ``sequential_walk``: each linear's weight [co, ci] just before
-             it was rounded (after any AWQ scaling), the point a tuning method starts from
+    continuous: filled by ``sequential_walk``: the continuous weights [co, ci] each linear's codes
+             were rounded from (its weight after any AWQ scaling; GPTQ's error-updated weights),
+             the point a tuning method starts from
     """
 
     index: int
@@ -96,8 +97,10 @@ def sequential_walk(method, work: LayerWork) -> dict[str, QuantBlocks]:
         for rel in g.members:
             module = work.layer.get_submodule(rel)
             fmt = fmts[rel]
-            work.continuous[rel] = module.weight.data.detach().clone()
+            before = module.weight.data.detach().clone()
             q, report = method.quantize(work.name(rel), key, module.weight.data, fmt)
+            rounded = method.rounded(work.name(rel))
+            work.continuous[rel] = before if rounded is None else rounded.reshape(before.shape)
             module.weight.data = torch.from_numpy(fmt.dequantize(q)).reshape(module.weight.shape)
             codes[work.name(rel)] = q
             work.reports.append(report)
