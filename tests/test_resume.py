@@ -160,8 +160,10 @@ def test_written_file_is_checked_and_checksummed(deep, tmp_path):
 def _method_args(method: str) -> list[str]:
     from llmquant.methods import make_method
 
-    calib = ["--calib-samples", "8", "--calib-seqlen", "64"] if make_method(method).needs_calibration else []
-    return ["--type", "q4_0", "--method", method, *calib, "--threads", "1", "--quiet"]
+    m = make_method(method)
+    calib = ["--calib-samples", "8", "--calib-seqlen", "64"] if m.needs_calibration else []
+    tune = ["--tune-steps", "8"] if "steps" in m.settings() else []  # the state is per layer: a few steps show it
+    return ["--type", "q4_0", "--method", method, *calib, *tune, "--threads", "1", "--quiet"]
 
 
 @pytest.fixture(scope="module")
