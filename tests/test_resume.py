@@ -175,9 +175,11 @@ def wide(smollm2_dir, tmp_path_factory) -> Path:
 
 
 def _registered_methods() -> list[str]:
+    """Every method, but of the tune methods only ``tune`` and ``awq+gptq+tune``: ``gptq+tune`` and
+    ``awq+tune`` differ from those only by their start method, which resumes here on its own (CI time)."""
     from llmquant.methods import METHODS
 
-    return list(METHODS)
+    return [m for m in METHODS if m not in ("gptq+tune", "awq+tune")]
 
 
 @pytest.mark.parametrize("method", _registered_methods())
