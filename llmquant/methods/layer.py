@@ -40,7 +40,8 @@ class LayerWork:
              cos/sin, mask: [1, ...], broadcast over batches)
     formats: module path of each linear to quantize -> its target format
     groups:  the true-sequential groups (only members in ``formats``), in order
-    continuous: filled by ``sequential_walk``: the continuous weights [co, ci] each linear's codes
+    continuous: filled by ``sequential_walk`` where ``keep_continuous`` (a copy of the layer's
+             weights, so only a method that asks): the continuous weights [co, ci] each linear's codes
              were rounded from (its weight after any AWQ scaling; GPTQ's error-updated weights),
              the point a tuning method starts from
     """
@@ -56,6 +57,7 @@ class LayerWork:
     norm_shift: Callable[[str], float]
     feed: Callable  # feed(module, observe): each batch of inputs through the layer up to module's input
     reports: list = field(default_factory=list)
+    keep_continuous: bool = False
     continuous: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def name(self, path: str) -> str:
@@ -93,14 +95,16 @@ def sequential_walk(method, work: LayerWork) -> dict[str, QuantBlocks]:
                                        norm_offset=work.norm_shift(f"{work.prefix}{g.smooth}.weight"))
         for rel, q in (revised or {}).items():  # earlier linears whose grid the fold rescaled
             codes[work.name(rel)] = q
-            work.continuous[rel] = work.layer.get_submodule(rel).weight.data.detach().clone()
+            if work.keep_continuous:
+                work.continuous[rel] = work.layer.get_submodule(rel).weight.data.detach().clone()
         for rel in g.members:
             module = work.layer.get_submodule(rel)
             fmt = fmts[rel]
-            before = module.weight.data.detach().clone()
+            before = module.weight.data.detach().clone() if work.keep_continuous else None
             q, report = method.quantize(work.name(rel), key, module.weight.data, fmt)
-            rounded = method.rounded(work.name(rel))
-            work.continuous[rel] = before if rounded is None else rounded.reshape(before.shape)
+            rounded = method.rounded(work.name(rel))  # taken either way: the method lets go of it
+            if work.keep_continuous:
+                work.continuous[rel] = before if rounded is None else rounded.reshape(before.shape)
             module.weight.data = torch.from_numpy(fmt.dequantize(q)).reshape(module.weight.shape)
             codes[work.name(rel)] = q
             work.reports.append(report)

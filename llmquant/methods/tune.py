@@ -131,6 +131,7 @@ class TuneMethod(Method, method="tune"):
     def quantize_layer(self, work: LayerWork) -> dict[str, QuantBlocks]:
         t0 = time.perf_counter()
         targets = work.outputs()  # the full-precision layer, before anything is rounded
+        work.keep_continuous = True
         start = sequential_walk(self._start, work)
         t_start = time.perf_counter() - t0
         state = {rel: _start_state(fmt, start[work.name(rel)], work.continuous[rel])
