@@ -485,8 +485,8 @@ def gptq_quantize(
 
     Q = _walk(W, Hinv.to(torch.float32), fmt, S, M, block_cols, col_block, None if act_order else choose)
     if perm is not None:
-        Q = Q[:, torch.argsort(perm)]
-        W = W[:, torch.argsort(perm)]
+        natural = torch.argsort(perm)
+        Q, W = Q[:, natural], W[:, natural]
     q = _assemble(Q, pieces, fmt, act_order) if two_level else _quant_blocks(Q, S, M)
     W_hat = torch.from_numpy(fmt.dequantize(q)).reshape(co, ci)
     W_rtn = torch.from_numpy(fmt.dequantize(fmt.rtn(_blocks(W0, gw).numpy()))).reshape(co, ci)

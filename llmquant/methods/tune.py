@@ -136,10 +136,7 @@ class TuneMethod(Method, method="tune"):
         t_start = time.perf_counter() - t0
         state = {rel: _start_state(fmt, start[work.name(rel)], work.continuous[rel])
                  for rel, fmt in work.formats.items() if work.name(rel) in start}
-        with torch.no_grad():
-            start_w = {rel: torch.from_numpy(fmt.dequantize(start[work.name(rel)])).reshape(st.base.shape[0], -1)
-                       for rel, st in state.items() for fmt in (st.fmt,)}
-            err_start = float(_mse(work.outputs(weights=start_w), targets))
+        err_start = float(_mse(work.outputs(), targets))  # the walk left the layer on the start codes
         params = [p for st in state.values() for p in st.params()]
         gen = torch.Generator().manual_seed(work.index)
         n = work.inputs.shape[0]
@@ -168,13 +165,12 @@ class TuneMethod(Method, method="tune"):
                        for rel, st in state.items()}
             err_tuned = float(_mse(work.outputs(weights=tuned_w), targets))
         keep = err_tuned < err_start
-        final_w = tuned_w if keep else start_w
         codes = dict(start)
-        for rel in state:
-            if keep:
+        if keep:  # else the layer computes with the start codes already
+            for rel in state:
                 codes[work.name(rel)] = tuned[rel]
-            module = work.layer.get_submodule(rel)
-            module.weight.data = final_w[rel].reshape(module.weight.shape).clone()
+                module = work.layer.get_submodule(rel)
+                module.weight.data = tuned_w[rel].reshape(module.weight.shape)
         summary = {"layer": work.index, "layer_err_start": err_start, "layer_err_tuned": err_tuned, "kept": "tuned" if keep else "start",
                    "steps": self.steps, "first_batch_loss": losses[0] if losses else None,
                    "last_batch_loss": losses[-1] if losses else None,
