@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import LlmquantError
 from ..policy import ggml_type
+from .gguf_table import GGUFTableError, read_tensor_table
 
 
 class ResumableError(LlmquantError):
@@ -200,24 +201,25 @@ def verify_gguf(path: Path, planned: list[tuple[str, int]] | None = None) -> str
     identical can be compared from their reports alone.
     """
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as exc:
+        table = read_tensor_table(path)
+    except (GGUFTableError, OSError) as exc:
         raise LlmquantError(f"the written file {path} does not read back: {exc}") from None
     size = path.stat().st_size
     if planned is not None:
-        got = [(t.name, int(t.n_bytes)) for t in reader.tensors]
+        got = [(t.name, t.n_bytes) for t in table.tensors]
         if got != planned:
             raise LlmquantError(f"the written file {path} does not hold the planned tensors")
-    end, align = int(reader.data_offset), int(reader.alignment)
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise LlmquantError(f"the written file {path} is truncated at tensor {t.name}")
-        end = max(end, int(t.data_offset) + int(t.n_bytes))
-    if planned is not None and size != end + _pad(end, align):
-        raise LlmquantError(f"the written file {path} is {size} bytes, expected {end + _pad(end, align)}")
+    end = table.data_offset
+    for t in table.tensors:
+        t_end = table.data_offset + t.offset + t.n_bytes
+        if t_end > size:
+            raise LlmquantError(f"the written file {path} does not read back: it is truncated at tensor {t.name}")
+        end = max(end, t_end)
+    if planned is not None and size != end + _pad(end, table.alignment):
+        raise LlmquantError(f"the written file {path} is {size} bytes, expected {end + _pad(end, table.alignment)}")
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        fh.seek(int(reader.data_offset))
+        fh.seek(table.data_offset)
         while block := fh.read(1 << 24):
             digest.update(block)
     return "sha256:" + digest.hexdigest()

@@ -71,9 +71,10 @@ class TokenizerInfo:
     has_chat_template: bool
 
 
-def check_tokenizer_files(model_dir: Path) -> None:
+def check_tokenizer_files(model_dir: Path) -> dict[str, Any] | None:
     """Fail before any weight is read when the folder holds no tokenizer llama.cpp could use,
-    or one whose fields have the wrong shape (one line naming the field)."""
+    or one whose fields have the wrong shape (one line naming the field); returns the parsed
+    tokenizer.json (None without one), which is large enough that parsing it twice shows."""
     if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "tokenizer.model").is_file():
         raise LlmquantError(f"no tokenizer in {model_dir}: expected tokenizer.json or tokenizer.model")
     tj = _read_json(model_dir / "tokenizer.json")
@@ -82,6 +83,7 @@ def check_tokenizer_files(model_dir: Path) -> None:
     _read_json(model_dir / "tokenizer_config.json")
     if (model_dir / "tokenizer.model").is_file() and (tj is None or not _is_byte_level_bpe(tj)):  # the one used
         _read_sp_model(model_dir / "tokenizer.model")
+    return tj
 
 
 def _check_tokenizer_json(tj: dict[str, Any], path: Path) -> None:
@@ -134,8 +136,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> 
     with UNUSED ``[PAD{i}]`` entries up to it, because llama.cpp indexes logits by id.
     """
     model_dir = Path(model_dir)
-    check_tokenizer_files(model_dir)
-    tj = _read_json(model_dir / "tokenizer.json")
+    tj = check_tokenizer_files(model_dir)
     sp_file = model_dir / "tokenizer.model"
     name = f"the tokenizer in {model_dir}"
     if tj is not None and _is_byte_level_bpe(tj):

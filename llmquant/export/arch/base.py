@@ -9,6 +9,7 @@ an architecture name; they read a spec.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -167,7 +168,7 @@ class ArchSpec:
 
     def gguf_tensor_name(self, hf_name: str, n_layers: int) -> str:
         base, _, suffix = hf_name.rpartition(".")
-        mapped = gguf.get_tensor_name_map(self.gguf_arch, n_layers).get_name(base)
+        mapped = _tensor_name_map(self.gguf_arch, n_layers).get_name(base)
         if mapped is None:
             raise LlmquantError(f"no GGUF name for tensor {hf_name} in architecture {self.gguf_name}")
         return f"{mapped}.{suffix}"
@@ -214,6 +215,13 @@ class ArchSpec:
 
 
 _REGISTRY: dict[str, ArchSpec] = {}
+
+
+@functools.lru_cache(maxsize=8)
+def _tensor_name_map(arch: gguf.MODEL_ARCH, n_layers: int) -> gguf.TensorNameMap:
+    """gguf's HF -> GGUF name table, built once per model: building it expands every
+    architecture's patterns for every layer, far more work than the lookups."""
+    return gguf.get_tensor_name_map(arch, n_layers)
 
 
 def register(spec: ArchSpec) -> ArchSpec:
