@@ -1,7 +1,8 @@
 """llama.cpp's llama-imatrix and llama-quantize, built once into the cache (llmquant.eval.llamacpp_tools).
 
-The first test on a fresh machine builds both tools (several minutes); later
-runs find them in $LLMQUANT_CACHE. No part of llama.cpp is mocked.
+The first test on a fresh machine builds both tools (in install.sh's kept
+llama-cpp-python build tree, or statically from source); later runs find them
+in $LLMQUANT_CACHE. No part of llama.cpp is mocked.
 """
 
 from __future__ import annotations
@@ -149,7 +150,42 @@ def test_binaries_in_the_cache_need_no_toolchain(tools, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(bin_dir / "llama-imatrix")
     assert "building" not in proc.stderr
-    # static: the copied binary runs with nothing of the build tree or the wheel beside it
+    # the copied binary runs with nothing beside it and no LD_LIBRARY_PATH: static, or (built in the
+    # venv's kept llama-cpp-python build tree) linked to that tree's libraries by its absolute RPATH
     run = subprocess.run([str(bin_dir / "llama-quantize"), "--help"], capture_output=True, text=True,
                          env={"PATH": str(empty)})
     assert "usage:" in run.stdout and "error while loading shared libraries" not in run.stderr
+
+
+def _fake_tree(prefix: Path, version: str, make_program: str) -> Path:
+    """A venv prefix holding what kept_tree() reads: a CMakeCache.txt and its source folder."""
+    from llmquant.eval.llamacpp_tools import KEPT_TREE
+
+    src = prefix / "llama-cpp-python-src" / f"llama_cpp_python-{version}"
+    (src / "vendor" / "llama.cpp" / "tools" / "imatrix").mkdir(parents=True)
+    (src / "llama_cpp").mkdir()
+    (src / "llama_cpp" / "__init__.py").write_text(f'__version__ = "{version}"\n')
+    tree = prefix / KEPT_TREE
+    tree.mkdir()
+    (tree / "CMakeCache.txt").write_text(
+        f"// comment\nCMAKE_MAKE_PROGRAM:UNINITIALIZED={make_program}\nCMAKE_HOME_DIRECTORY:INTERNAL={src}\n")
+    return tree
+
+
+def test_kept_tree_only_when_it_can_be_built_in(tmp_path, monkeypatch):
+    from llmquant.eval import llamacpp_tools as lt
+
+    make = shutil.which("sh")  # any executable stands for the recorded ninja
+    good = _fake_tree(tmp_path / "good", lt.LLAMA_CPP_PYTHON_VERSION, make)
+    other = _fake_tree(tmp_path / "other", "0.3.1", make)
+    gone = _fake_tree(tmp_path / "gone", lt.LLAMA_CPP_PYTHON_VERSION, "/tmp/pip-build-env-x/bin/no-such-ninja")
+    found = {}
+    for prefix in ("good", "other", "gone", "none"):
+        monkeypatch.setattr(sys, "prefix", str(tmp_path / prefix))
+        found[prefix] = lt.kept_tree()
+    assert found == {"good": good, "other": None, "gone": None, "none": None}
+    assert other.is_dir() and gone.is_dir()
+    # tools built in a tree live in a cache folder of their own, apart from the static bin/
+    monkeypatch.setenv("LLMQUANT_CACHE", str(tmp_path / "cache"))
+    assert lt.tree_tools_dir(good).parent == lt.tools_dir().parent and lt.tree_tools_dir(good) != lt.tools_dir()
+    assert lt.tree_tools_dir(good) != lt.tree_tools_dir(other)

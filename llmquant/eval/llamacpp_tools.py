@@ -2,22 +2,36 @@
 
 They are the strongest llama.cpp baseline (importance matrix, then
 ``llama-quantize --imatrix``) but are not part of the ``llama-cpp-python``
-wheel. Its source package vendors the matching llama.cpp, so the first call of
-:func:`tool_path` builds the two binaries from it once, statically (no shared
-library of ours to find at run time), into the cache folder
-(``$LLMQUANT_CACHE/llama.cpp-<version>/bin``), under a file lock so that
-concurrent processes build it only once. Later calls find them there.
+wheel. The first call of :func:`tool_path` builds the two binaries once, under
+a file lock so that concurrent processes build them only once, into the cache
+folder (``$LLMQUANT_CACHE/llama.cpp-<version>``). Later calls find them there.
 
-The build needs ``cmake`` and a C/C++ compiler; it downloads the pinned source
-package with the running interpreter's ``pip`` (a package registry is the only
-network it needs). ``$LLMQUANT_LLAMA_CPP_SRC`` may name an unpacked
-``vendor/llama.cpp`` folder (or the ``.tar.gz`` source package) to build from
-instead of downloading.
+Two ways to build them:
+
+* ``install.sh`` keeps llama-cpp-python's unpacked source package and its
+  CMake build tree inside the venv. Then the two tools are built in that tree
+  (``-DLLAMA_BUILD_TOOLS=ON``, only their targets), so only their own sources
+  compile and they link the tree's libllama and ggml, the objects the Python
+  bindings ship. They live in ``venv-<key>/`` of the cache folder (the key
+  names the build tree) and find the tree's shared libraries by their build
+  RPATH, so they belong to that venv and are ignored once its tree is gone.
+* Otherwise (llama-cpp-python installed some other way) they are built from
+  the vendored llama.cpp of the pinned source package, statically (no shared
+  library of ours to find at run time), into ``bin/``. Binaries found in
+  ``bin/`` are used first, whichever way they came there.
+
+The build needs ``cmake`` and a C/C++ compiler; the static one downloads the
+pinned source package with the running interpreter's ``pip`` (a package
+registry is the only network it needs). ``$LLMQUANT_LLAMA_CPP_SRC`` may name an
+unpacked ``vendor/llama.cpp`` folder (or the ``.tar.gz`` source package) for
+the static build to use instead of downloading.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -48,31 +62,95 @@ CMAKE_OPTIONS = (
     "-DLLAMA_BUILD_SERVER=OFF",
 )
 _TAIL_LINES = 12
+# install.sh's scikit-build-core build tree of llama-cpp-python, inside the venv
+KEPT_TREE = "llama-cpp-python-build"
+# llama-cpp-python adds tools/mtmd itself (LLAVA_BUILD); llama.cpp's tools/ adds it too,
+# and CMake refuses a folder added twice, so the bindings' copy is switched off
+TREE_OPTIONS = ("-DLLAMA_BUILD_TOOLS=ON", "-DLLAVA_BUILD=OFF")
 
 
 def tools_dir() -> Path:
-    """Where the built binaries live (whether or not they are built yet)."""
+    """Where the static binaries live (whether or not they are built yet); found here first."""
     return cache_root() / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}" / "bin"
+
+
+def kept_tree() -> Path | None:
+    """install.sh's llama-cpp-python build tree in this venv, if the tools can be built in it.
+
+    It must still know its source folder (the pinned version's) and the build
+    program that generated it: a tree whose ninja lived in pip's temporary
+    build environment cannot be built in again.
+    """
+    tree = Path(sys.prefix) / KEPT_TREE
+    entries = _cmake_cache(tree / "CMakeCache.txt")
+    src = Path(entries.get("CMAKE_HOME_DIRECTORY", "/nonexistent"))
+    version = src / "llama_cpp" / "__init__.py"
+    if not (src / _VENDOR / "tools" / "imatrix").is_dir() or not version.is_file():
+        return None
+    if f'__version__ = "{LLAMA_CPP_PYTHON_VERSION}"' not in version.read_text(errors="replace"):
+        return None
+    if _build_program(entries) is None:
+        return None
+    return tree
+
+
+def tree_tools_dir(tree: Path) -> Path:
+    """Where tools built in ``tree`` live: a folder of the cache named after that tree.
+
+    They are linked to the tree's shared libraries, so another venv (or a
+    tree that is gone) never finds them.
+    """
+    key = hashlib.sha256(str(tree.resolve()).encode()).hexdigest()[:12]
+    return cache_root() / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}" / f"venv-{key}"
 
 
 def tool_path(name: str) -> Path:
     """Path of ``llama-imatrix`` or ``llama-quantize``, building both once if needed."""
     if name not in TOOLS:
         raise LlmquantError(f"unknown llama.cpp tool {name!r}; choose from {', '.join(TOOLS)}")
-    path = tools_dir() / name
-    if _usable(path):
-        return path
-    target = tools_dir()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    lock = target.parent / ".lock"
+    tree = kept_tree()
+    candidates = [tools_dir()] + ([tree_tools_dir(tree)] if tree else [])
+    for folder in candidates:
+        if _complete(folder):
+            return folder / name
+    root = tools_dir().parent  # both kinds of folder share it, and its lock
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root / ".lock"):  # a second process waits here, then finds the binaries
+        if not any(_complete(f) for f in candidates):
+            _build_once(tree)
+    return next(f for f in candidates if _complete(f)) / name
+
+
+def _build_once(tree: Path | None) -> None:
+    """In the kept build tree if there is one; the static build if not, or if that fails.
+
+    A missing toolchain is one error before either starts: the static build
+    would need it too.
+    """
+    env = {**os.environ, **_require_toolchain()}
+    if tree is None:
+        _build(tools_dir(), env)
+        return
+    try:
+        _build_in_tree(tree, tree_tools_dir(tree), env)
+    except LlmquantError as exc:
+        print(f"building in llama-cpp-python's build tree failed, building statically instead: "
+              f"{str(exc).splitlines()[0]}", file=sys.stderr, flush=True)
+        _build(tools_dir(), env)
+
+
+@contextlib.contextmanager
+def _locked(lock: Path):
     with open(lock, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)  # a second process waits here, then finds the binaries
+        fcntl.flock(fh, fcntl.LOCK_EX)
         try:
-            if not all(_usable(target / t) for t in TOOLS):
-                _build(target)
+            yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-    return path
+
+
+def _complete(folder: Path) -> bool:
+    return all(_usable(folder / t) for t in TOOLS)
 
 
 def _usable(path: Path) -> bool:
@@ -97,15 +175,14 @@ def _require_toolchain() -> dict[str, str]:
     return {"CC": shutil.which(cc), "CXX": shutil.which(cxx)}
 
 
-def _build(target: Path) -> None:
+def _build(target: Path, env: dict[str, str]) -> None:
     """Download, configure, compile, install into ``target``; the caller holds the lock.
 
     The work folder has a fixed name beside ``target``: a build that failed or
     was interrupted is continued (cmake rebuilds only what is missing) by the
     next call; it is removed after success.
     """
-    env = {**os.environ, **_require_toolchain()}
-    jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    jobs = _jobs()
     print(f"building llama.cpp's llama-imatrix and llama-quantize once into {target} "
           f"(several minutes, {jobs} cores)", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
@@ -131,13 +208,89 @@ def _build(target: Path) -> None:
         shutil.copy2(built, staged / t)
     seconds = time.perf_counter() - t0
     (staged / "build.json").write_text(json.dumps({
-        "llama-cpp-python": LLAMA_CPP_PYTHON_VERSION, "cmake": list(CMAKE_OPTIONS),
-        "seconds": round(seconds, 1), "jobs": jobs}, indent=1))
-    if target.exists():
-        shutil.rmtree(target)
-    staged.rename(target)  # both binaries appear together
+        "llama-cpp-python": LLAMA_CPP_PYTHON_VERSION, "path": "static, from the source package",
+        "source": str(src), "cmake": list(CMAKE_OPTIONS), "seconds": round(seconds, 1), "jobs": jobs}, indent=1))
+    _publish(staged, target)
     shutil.rmtree(work, ignore_errors=True)
     print(f"built llama-imatrix and llama-quantize in {seconds:.0f} s", file=sys.stderr, flush=True)
+
+
+def _build_in_tree(tree: Path, target: Path, env: dict[str, str]) -> None:
+    """Build the two tools in llama-cpp-python's kept build tree, copy them to ``target``.
+
+    Re-configuring with the tools on adds their targets and leaves every
+    compile command of libllama, ggml and llama-common as it was, so the build
+    tool finds those up to date and compiles only the tools' own sources. The
+    copies keep their absolute build RPATH into ``tree``. The caller holds the lock.
+    """
+    jobs = _jobs()
+    entries = _cmake_cache(tree / "CMakeCache.txt")
+    print(f"building llama.cpp's llama-imatrix and llama-quantize once into {target}, in llama-cpp-python's "
+          f"build tree {tree} (its compiled libraries are reused; {jobs} cores)", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    staged = target.with_name(target.name + ".partial")
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
+    log = target.parent / f"{target.name}.build.log"
+    log.unlink(missing_ok=True)
+    cmake = _cmake_command(entries)
+    program = _build_program(entries)
+    with _locked(tree / ".llmquant-tools.lock"):  # another cache folder's process may share this venv
+        _run_logged([cmake, "-S", entries["CMAKE_HOME_DIRECTORY"], "-B", str(tree), *TREE_OPTIONS,
+                     f"-DCMAKE_MAKE_PROGRAM={program}"], log, env, "configuring llama-cpp-python's build tree")
+        _run_logged([cmake, "--build", str(tree), "--target", *TOOLS, "-j", str(jobs)], log, env,
+                    "compiling llama.cpp's tools")
+    for t in TOOLS:
+        built = tree / "bin" / t
+        if not _usable(built):
+            raise LlmquantError(f"the llama.cpp build finished without {built}; see {log}")
+        shutil.copy2(built, staged / t)
+    seconds = time.perf_counter() - t0
+    (staged / "build.json").write_text(json.dumps({
+        "llama-cpp-python": LLAMA_CPP_PYTHON_VERSION, "path": "llama-cpp-python's build tree",
+        "tree": str(tree), "GGML_NATIVE": entries.get("GGML_NATIVE"), "cmake": list(TREE_OPTIONS),
+        "seconds": round(seconds, 1), "jobs": jobs}, indent=1))
+    _publish(staged, target)
+    print(f"built llama-imatrix and llama-quantize in {seconds:.0f} s", file=sys.stderr, flush=True)
+
+
+def _publish(staged: Path, target: Path) -> None:
+    """Replace ``target`` by ``staged`` in one rename, so both binaries appear together."""
+    if target.exists():
+        shutil.rmtree(target)
+    staged.rename(target)
+
+
+def _jobs() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _cmake_cache(path: Path) -> dict[str, str]:
+    """``NAME:TYPE=VALUE`` entries of a CMakeCache.txt (empty if there is none)."""
+    entries: dict[str, str] = {}
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return entries
+    for line in text.splitlines():
+        if line and not line.startswith(("#", "//")) and "=" in line:
+            key, value = line.split("=", 1)
+            entries[key.split(":", 1)[0]] = value
+    return entries
+
+
+def _build_program(entries: dict[str, str]) -> str | None:
+    """The tree's ninja or make: the recorded one, else the same program on PATH."""
+    recorded = entries.get("CMAKE_MAKE_PROGRAM", "")
+    if recorded and os.access(recorded, os.X_OK):
+        return recorded
+    return shutil.which(Path(recorded).name) if recorded else None
+
+
+def _cmake_command(entries: dict[str, str]) -> str:
+    """The cmake that generated the tree if it is still there (pip may have removed it), else PATH's."""
+    recorded = entries.get("CMAKE_COMMAND", "")
+    return recorded if recorded and os.access(recorded, os.X_OK) else "cmake"
 
 
 def _source(work: Path, log: Path) -> Path:
