@@ -17,7 +17,7 @@ from .export.tokenizer import check_tokenizer_files
 from .loading.source import read_config, resolve_model
 from .loading.weights import WeightStore
 from .methods import METHODS, Method, make_method, method_registry
-from .options import check_calibration, check_method_options, check_value
+from .options import check_calibration, check_method_options, check_value, resolve_device
 from .paths import check_run_paths, write_atomic
 from .pipeline import Pipeline
 from .plan import plan_tensors
@@ -61,6 +61,7 @@ def quantize(
     progress: bool = True,
     resume: bool = False,
     report: str | Path | None = None,
+    device: str = "auto",
 ) -> QuantReport:
     """Quantize a Hugging Face causal LM into a GGUF file that llama.cpp runs.
 
@@ -73,11 +74,15 @@ def quantize(
         is beside ``out``; the result is byte-identical to an uninterrupted run.
     report: also write the report as JSON there (checked before any work like ``out``,
         written whole after the output).
+    device: where a calibrated method computes (``cpu``, ``cuda``, or ``auto``: the GPU where
+        torch sees one); one decoder layer at a time is on it. rtn ignores it (always the CPU).
+        Not part of the resume fingerprint: a run that ran out of GPU memory may continue on the CPU.
     """
     t0 = time.perf_counter()
     recipe = get_recipe(type)
     type_ = recipe.name
     method = _check_settings(method, method_options, calibration, threads)
+    device = resolve_device(device)
     if threads is not None:
         torch.set_num_threads(threads)
     out = Path(out)
@@ -97,7 +102,7 @@ def quantize(
         from .loading.layers import LayerRunner
 
         tokens = calibration_tokens(model_dir, calib)
-        runner = LayerRunner(model_dir, store, spec.layer_prefix)
+        runner = LayerRunner(model_dir, store, spec.layer_prefix, device=device)
     work = WorkDir(out)
     settings = {"type": type_, "pure": pure, "method": meth.name, "method_options": meth.settings(),
                 "calibration": dataclasses.asdict(calib) if meth.needs_calibration else None,
@@ -119,6 +124,9 @@ def quantize(
             work.release()  # the finished layers stay for --resume
         else:
             work.remove()
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            raise ResumableError(f"out of GPU memory while quantizing into {out}; free GPU memory, lower "
+                                 "--calib-samples, or continue on the CPU with --device cpu") from None
         if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc):
             raise ResumableError(f"out of memory while quantizing into {out}; free memory "
                                  "(or lower --calib-samples for calibrated methods)") from None
@@ -132,6 +140,7 @@ def quantize(
         out=out,
         type=type_,
         method=meth.name,
+        device=device if meth.needs_calibration else "cpu",
         pure=pure,
         tensors=plan.tensors,
         file_size=out.stat().st_size,

@@ -17,6 +17,7 @@ from pathlib import Path
 from . import __version__
 from .errors import LlmquantError
 from .methods import METHODS
+from .options import DEVICES
 from .policy import ALL_TYPES
 
 
@@ -31,6 +32,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("--method", "-m", default="rtn", help=f"quantization method: {', '.join(METHODS)} (default rtn)")
     p.add_argument("--pure", action="store_true", help="every 2-D weight in --type (no llama.cpp per-tensor policy)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--device", type=str.lower, choices=DEVICES, default="auto",
+                   help="where calibrated methods compute, one layer at a time: cuda, cpu, or auto "
+                        "(cuda where torch sees a GPU; default); rtn always runs on the CPU")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its work folder OUT.llmquant-work (same settings)")
@@ -75,7 +79,7 @@ def _run_quantize(args) -> int:
                for k, (dest, conv) in _METHOD_FLAGS.items() if _typed(getattr(args, dest))}
     report = quantize(args.model, args.out, type=args.type, method=args.method, pure=args.pure,
                       calibration=calib, method_options=options, threads=args.threads, resume=args.resume,
-                      report=args.report, progress=not args.quiet and sys.stderr.isatty())  # no bar in logs and pipes
+                      report=args.report, device=args.device, progress=not args.quiet and sys.stderr.isatty())  # no bar in logs and pipes
     print(report.summary())
     return 0
 

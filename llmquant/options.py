@@ -109,3 +109,25 @@ def check_calibration(method: str, needs_calibration: bool, calibration) -> None
 
 def _calib_flag(name: str) -> str:
     return {"text_file": "--calib-text", "dataset": "--calib-dataset"}.get(name) or flag(name)
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str) -> str:
+    """The torch device a calibrated method computes on, from ``--device``: ``cpu`` or ``cuda``.
+
+    ``auto`` takes the GPU where torch sees one, so a GPU machine uses it
+    without being told; ``cuda`` where torch sees none is refused before any
+    work (and before any output file is touched), not at the first layer.
+    """
+    import torch
+
+    key = name.lower() if isinstance(name, str) else name
+    if key not in DEVICES:
+        raise LlmquantError(f"--device must be one of {', '.join(DEVICES)}, got {name!r}")
+    if key == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if key == "cuda" and not torch.cuda.is_available():
+        raise LlmquantError("--device cuda: torch sees no CUDA GPU on this machine (use --device cpu or auto)")
+    return key

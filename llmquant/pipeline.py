@@ -8,6 +8,12 @@ to make the next layer's inputs) -> free it -> the plan's tensors after the
 layers (final norm, head). The order is the plan's (``plan.py``); the pipeline
 only walks it. Peak memory is one layer plus the calibration activations plus
 one row chunk of the embedding or head, whatever the depth or vocabulary.
+
+Device: a calibrated layer, its inputs and its captured arguments live on the
+runner's device (the CPU or a GPU) while the method works on them; what goes
+to the file (codes, the layer's rewritten tensors) comes back to the CPU, and
+the next layer's inputs stay on the device. Tensors outside the layers and
+rtn never leave the CPU.
 """
 
 from __future__ import annotations
@@ -155,6 +161,7 @@ class Pipeline:
             hidden, first = resume.hidden, resume.layers_done
             self.result.reports = list(resume.reports)
         if calibrated:
+            hidden = hidden.to(self.runner.device)
             self.runner.capture_kwargs(hidden[:batch_size])
         n_layers = self.plan.n_layers
         bar = tqdm(range(n_layers), desc="layers", unit="layer", disable=not self.progress, dynamic_ncols=True,
@@ -222,7 +229,7 @@ class Pipeline:
         self.result.reports.extend(work.reports)
         out = work.outputs()
         state = layer.state_dict()  # a method may have rewritten non-quantized tensors (norms)
-        for n in weights:
-            weights[n] = state[n[len(prefix):]].detach()
+        for n in weights:  # to the CPU, where encode packs them, before the layer leaves the device
+            weights[n] = state[n[len(prefix):]].detach().cpu()
         self.runner.free(i)
         return codes, out

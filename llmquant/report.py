@@ -42,6 +42,7 @@ class QuantReport:
     linears: list[LinearReport] = field(default_factory=list)
     checksum: str = ""  # sha256 of the tensor data, read back from the written file
     resumed_at_layer: int | None = None
+    device: str = "cpu"  # where the calibrated method computed (rtn: always the CPU)
 
     @property
     def n_params(self) -> int:
@@ -68,7 +69,7 @@ class QuantReport:
         lines = [
             f"wrote {self.out}",
             f"  model   {self.model}",
-            f"  method  {self.method}   type {self.type}{'  (pure)' if self.pure else ''}",
+            f"  method  {self.method}   type {self.type}{'  (pure)' if self.pure else ''}   device {self.device}",
             f"  tensors {len(self.tensors)}: "
             + ", ".join(f"{k} x{v} ({params_by_type[k] / 1e6:.1f}M w)" for k, v in sorted(by_type.items())),
             f"  size    {self.file_size / 2**20:.1f} MiB, {self.bits_per_weight:.2f} bits per weight, "

@@ -9,6 +9,9 @@ the next layer. ``--resume`` cuts the partial file back to the last boundary
 and goes on from there, so the result is byte-identical to an uninterrupted
 run. A fingerprint of everything that decides the bytes (model, method and its
 options, type, calibration) guards against continuing with other settings.
+The compute device is left out on purpose: a run that ran out of GPU memory
+may continue on the CPU (the file is then valid, but byte-identical to an
+uninterrupted run only when resumed on the device it started on).
 """
 
 from __future__ import annotations
@@ -153,7 +156,7 @@ class WorkDir:
         hidden = None
         if state["hidden"]:
             try:
-                hidden = torch.load(self.path / Path(state["hidden"]).name, weights_only=True)
+                hidden = torch.load(self.path / Path(state["hidden"]).name, weights_only=True, map_location="cpu")
             except Exception as exc:  # missing, truncated or not a tensor file: all mean "cannot continue"
                 raise self._damaged(f"{state['hidden']}: {exc}") from None
         try:
@@ -168,7 +171,7 @@ class WorkDir:
         if point.hidden is not None:
             name = f"hidden-{point.layers_done:05d}.pt"
             tmp = self.path / (name + ".tmp")
-            torch.save(point.hidden, tmp)
+            torch.save(point.hidden.cpu(), tmp)  # a CPU tensor: a run stopped on a GPU resumes anywhere
             _fsync(tmp)
             os.replace(tmp, self.path / name)
         state = {"layers_done": point.layers_done, "offset": point.offset, "n_written": point.n_written,

@@ -720,6 +720,8 @@ OPTION_CASES = {
     "threads-not-an-integer": OptionCase(r"argument --threads: invalid int value: 'x'" + HELP, ("--threads", "x")),
     "awq-grid-nan": OptionCase(r"argument --awq-grid: invalid int value: 'nan'" + HELP, ("--awq-grid", "nan")),
     "unknown-flag": OptionCase(r"unrecognized arguments: --dampp 1" + HELP, ("--dampp", "1")),
+    "device-unknown": OptionCase(r"--device must be one of auto, cpu, cuda, got 'tpu'$", (), {"device": "tpu"}),
+    "device-unknown-flag": OptionCase(r"argument --device: invalid choice: 'tpu'", ("--device", "tpu")),
 }
 
 

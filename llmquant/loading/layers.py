@@ -1,8 +1,9 @@
 """Run one real decoder layer of a Hugging Face model at a time.
 
 The model's module tree is built on the meta device (no memory), then one
-layer at a time is materialized on the CPU with its weights from the
-checkpoint. The keyword arguments the model passes to each of its layers
+layer at a time is materialized on the compute device (the CPU or a GPU) with
+its weights from the checkpoint, and sent back to meta when done, so the
+device holds one layer (and the activations) whatever the depth. The keyword arguments the model passes to each of its layers
 (rotary position embeddings, masks, cache switches) are captured once by
 running the model's own forward with every layer replaced by a recorder, so
 the replay matches the model exactly for every architecture transformers
@@ -41,13 +42,32 @@ class _Recorder(nn.Module):
         return hidden_states
 
 
+def _to_device(value, device: torch.device, moved: dict[int, object]):
+    """``value`` with every tensor inside it (dicts, tuples, lists) on ``device``; other objects as they are.
+
+    moved: id of a tensor already moved -> its copy, so tensors the model shares
+    between layers stay shared on the device.
+    """
+    if isinstance(value, torch.Tensor):
+        if id(value) not in moved:
+            moved[id(value)] = value.to(device)
+        return moved[id(value)]
+    if isinstance(value, dict):
+        return {k: _to_device(v, device, moved) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        items = [_to_device(v, device, moved) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # a namedtuple
+    return value
+
+
 class LayerRunner:
     """Materializes decoder layers one by one and replays them on hidden states."""
 
-    def __init__(self, model_dir, store: WeightStore, layer_prefix: str):
+    def __init__(self, model_dir, store: WeightStore, layer_prefix: str, device: str | torch.device = "cpu"):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.store = store
+        self.device = torch.device(device)
         self.layer_prefix = layer_prefix
         # the language model's own config: itself for a causal LM, text_config for a multimodal wrapper
         # (Gemma3ForConditionalGeneration), whose decoder layers are those of its text model
@@ -71,6 +91,8 @@ class LayerRunner:
         tensor (masks [1, 1, seq, seq], rotary cos/sin [1, seq, head_dim]) has batch 1
         and broadcasts over batches of any size. Layers of one kind share the same
         tensors (the model computes each once), so this costs one set per kind.
+        The model's own code (rotary buffers) lives on the CPU: the capture runs
+        there and the recorded tensors then move to the compute device.
         """
         layers = self.decoder.layers
         originals = list(layers)
@@ -78,13 +100,14 @@ class LayerRunner:
         for i, rec in enumerate(recorders):
             layers[i] = rec
         try:
-            self.decoder(inputs_embeds=hidden[:1], use_cache=False)
+            self.decoder(inputs_embeds=hidden[:1].cpu(), use_cache=False)
         except _StopForward:
             pass
         finally:
             for i, layer in enumerate(originals):
                 layers[i] = layer
-        self.layer_kwargs = [rec.kwargs for rec in recorders]
+        moved: dict[int, object] = {}  # a tensor shared by layers of one kind moves once
+        self.layer_kwargs = [_to_device(rec.kwargs, self.device, moved) for rec in recorders]
         self._index = {id(layer): i for i, layer in enumerate(originals)}
 
     def kwargs_for(self, layer: nn.Module) -> dict:
@@ -95,9 +118,9 @@ class LayerRunner:
         return self.layer_kwargs[i]
 
     def build(self, i: int, weights: dict[str, torch.Tensor]) -> nn.Module:
-        """Layer i on the CPU holding ``weights`` (full HF names -> tensors)."""
+        """Layer i on the compute device holding ``weights`` (full HF names -> tensors, any device)."""
         layer = self.decoder.layers[i]
-        layer.to_empty(device="cpu")
+        layer.to_empty(device=self.device)
         prefix = self.layer_prefix.format(i=i)
         state = {name[len(prefix):]: t for name, t in weights.items()}
         missing, unexpected = layer.load_state_dict(state, strict=False)
@@ -106,6 +129,7 @@ class LayerRunner:
         return layer
 
     def free(self, i: int) -> None:
+        """Send layer i back to meta: its device memory returns to torch's allocator for the next layer."""
         self.decoder.layers[i].to("meta")
 
     @torch.no_grad()

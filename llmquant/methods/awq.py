@@ -89,6 +89,7 @@ from ..formats.kquant import KQuantFormat, SuperGrid
 from ..formats.torch_grid import dequantize as _dequant
 from ..formats.torch_grid import f16_round as _f16
 from .base import LinearReport, Method
+from .edge import to_numpy, to_torch
 from .gptq import (
     GROUP,
     HessianAccumulator,
@@ -128,14 +129,15 @@ def channel_map(layer: nn.Module, members: list[str], smooth: str | None) -> tor
         if not isinstance(w, torch.Tensor) or w.dim() != 1:
             return None
         cs = w.shape[0]
+    device = layer.get_submodule(members[0]).weight.device
     if cs == ci:
-        return torch.arange(ci)
+        return torch.arange(ci, device=device)
     parent = layer.get_submodule(smooth.rpartition(".")[0]) if "." in smooth else layer
     hd = getattr(parent, "head_dim", None)
     if not isinstance(mod, nn.Linear) or not isinstance(hd, int) or ci % cs or cs % hd:
         return None
     g = ci // cs  # heads per kv head (transformers' repeat_kv: head h reads kv head h // g)
-    j = torch.arange(ci)
+    j = torch.arange(ci, device=device)
     return (j // hd // g) * hd + j % hd
 
 
@@ -146,11 +148,11 @@ def _fp16_fields(q: QuantBlocks) -> list[np.ndarray]:
     return [q.scales] + ([] if q.mins is None else [q.mins])
 
 
-def rescale_bounds(q: QuantBlocks, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rescale_bounds(q: QuantBlocks, rows: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of a quantized linear, the range [lo, hi] of s for which every block's
-    scale (and min) divided by s stays a normal fp16 number (full precision)."""
+    scale (and min) divided by s stays a normal fp16 number (full precision); on ``device``."""
     vals = [v.reshape(rows, -1) for v in _fp16_fields(q)]
-    v = torch.from_numpy(np.abs(np.concatenate(vals, axis=1)).astype(np.float32))
+    v = to_torch(np.abs(np.concatenate(vals, axis=1)).astype(np.float32), torch.device(device))
     hi = torch.where(v >= F16_MIN_NORMAL, v, torch.inf).amin(1) / F16_MIN_NORMAL  # (values already
     lo = v.amax(1) / F16_SAFE_MAX  # subnormal, e.g. a min near 0, do not bind)
     return lo.clamp(max=1.0), hi.clamp(min=1.0)
@@ -165,11 +167,11 @@ def rescale_rows(q: QuantBlocks, s: torch.Tensor) -> QuantBlocks:
     sub-scales: its super-blocks' d and dmin are divided.
     """
     rows = s.shape[0]
-    f = (1.0 / s.to(torch.float64)).numpy()[:, None]
+    f = to_numpy(1.0 / s.to(torch.float64))[:, None]
 
-    def div(v: np.ndarray) -> np.ndarray:
+    def div(v: np.ndarray) -> np.ndarray:  # numpy: the codes' grids are numpy QuantBlocks
         out = (v.reshape(rows, -1).astype(np.float64) * f).astype(np.float32).reshape(-1)
-        return _f16(torch.from_numpy(out)).numpy()
+        return _f16(to_torch(out, torch.device("cpu"))).numpy()
 
     if q.grid is not None:
         g = q.grid
@@ -198,7 +200,7 @@ def fold_scales(layer: nn.Module, members: list[str], smooth: str, s: torch.Tens
     q = (done or {}).get(smooth)
     if q is not None:
         q = revised[smooth] = rescale_rows(q, s)
-        mod.weight.data = torch.from_numpy(BlockFormat.dequantize(q)).reshape(mod.weight.shape)
+        mod.weight.data = to_torch(BlockFormat.dequantize(q), mod.weight).reshape(mod.weight.shape)
     elif mod.weight.dim() == 2:
         mod.weight.data = mod.weight.data / s[:, None]
     else:
@@ -222,7 +224,7 @@ def output_error(W: torch.Tensor, W_hat: torch.Tensor, G: torch.Tensor) -> float
 def rtn_error(W: torch.Tensor, s: torch.Tensor | None, fmt: type[BlockFormat], G: torch.Tensor) -> float:
     """Output error of llama.cpp's rule on W·diag(s), fed diag(1/s)·x: tr(E G Eᵀ), E = Q(Ws)/s − W."""
     Ws = W if s is None else W * s
-    Q = torch.from_numpy(fmt.dequantize(fmt.rtn(Ws.reshape(-1, fmt.block_size).numpy()))).reshape(W.shape)
+    Q = to_torch(fmt.dequantize(fmt.rtn(to_numpy(Ws.reshape(-1, fmt.block_size)))), W).reshape(W.shape)
     return output_error(W, Q if s is None else Q / s, G)
 
 
@@ -249,13 +251,13 @@ def _apply(x: torch.Tensor, Gb: torch.Tensor) -> torch.Tensor:
 def _clip_candidates(w: torch.Tensor, fmt: type[BlockFormat], ratios: torch.Tensor):
     """Candidate grids d, m [K, r, nb] for blocks w [r, nb, 32]; first llama.cpp's."""
     r, nb, _ = w.shape
-    rtn = fmt.rtn(w.reshape(-1, GROUP).numpy())
-    d0 = torch.from_numpy(np.asarray(rtn.scales, dtype=np.float32)).reshape(1, r, nb)
+    rtn = fmt.rtn(to_numpy(w.reshape(-1, GROUP)))
+    d0 = to_torch(np.asarray(rtn.scales, dtype=np.float32), w).reshape(1, r, nb)
     c = ratios[:, None, None]
     if rtn.mins is None:
         ext = w.gather(-1, w.abs().argmax(-1, keepdim=True))[..., 0]
         return torch.cat([d0, _f16(ext / fmt.qmin * c), _f16(ext / fmt.qmax * c)]), None
-    m0 = torch.from_numpy(np.asarray(rtn.mins, dtype=np.float32)).reshape(1, r, nb)
+    m0 = to_torch(np.asarray(rtn.mins, dtype=np.float32), w).reshape(1, r, nb)
     lo, hi = w.amin(-1), w.amax(-1)
     rng = hi - lo
     t = 1 - ratios
@@ -299,7 +301,7 @@ def clip_search(W: torch.Tensor, G: torch.Tensor, fmt: type[BlockFormat], ratios
     nb = ci // GROUP
     Gb = _diag_blocks(G.to(torch.float32))
     wb = W.to(torch.float32).reshape(co, nb, GROUP)
-    ratios_t = torch.tensor(ratios if not fmt.has_min else ratios[::2], dtype=torch.float32)
+    ratios_t = torch.tensor(ratios if not fmt.has_min else ratios[::2], dtype=torch.float32, device=W.device)
     n_cand = 1 + (2 * len(ratios_t) if not fmt.has_min else len(ratios_t) ** 2)
     rows = max(1, _CHUNK // (n_cand * nb * GROUP))
     ds, ms, d0s, m0s = [], [], [], []
@@ -379,7 +381,8 @@ class AWQMethod(Method, method="awq"):
         st = self._groups.get(group)
         if st is None:
             ci = x.shape[-1]
-            st = self._groups[group] = _Group(HessianAccumulator(ci), torch.zeros(ci, dtype=torch.float64))
+            st = self._groups[group] = _Group(HessianAccumulator(ci, device=x.device),
+                                              torch.zeros(ci, dtype=torch.float64, device=x.device))
         st.acc.add(x)
         st.abs_sum += x.detach().reshape(-1, x.shape[-1]).abs().sum(0, dtype=torch.float64)
 
@@ -402,11 +405,12 @@ class AWQMethod(Method, method="awq"):
             st.extra = {"alpha": 0.0, "awq": "not scaled"}
             return None
         lo = hi = None
+        x_dev = st.abs_sum.device  # where the inputs were gathered, the layer's device
         if smooth in done:  # its grid is divided by s: keep that grid in fp16's normal range
-            lo, hi = rescale_bounds(done[smooth], layer.get_submodule(smooth).out_features)
+            lo, hi = rescale_bounds(done[smooth], layer.get_submodule(smooth).out_features, x_dev)
         cs = int(index.max()) + 1
         x_mean = (st.abs_sum / st.acc.n).to(torch.float32)
-        x_mean = torch.zeros(cs).index_add_(0, index, x_mean) / torch.bincount(index, minlength=cs)
+        x_mean = torch.zeros(cs, device=x_dev).index_add_(0, index, x_mean) / torch.bincount(index, minlength=cs)
         base = sum(st.base[rel][0] for rel in members)
         best, best_alpha, best_s = base, 0.0, None
         for i in range(1, self.n_grid):
@@ -440,7 +444,7 @@ class AWQMethod(Method, method="awq"):
         W = W.to(torch.float32)
         q, stats, rounded = self._codes_for(W, st, fmt)
         self._keep_rounded(name, rounded)
-        W_hat = torch.from_numpy(fmt.dequantize(q)).reshape(W.shape)
+        W_hat = to_torch(fmt.dequantize(q), W).reshape(W.shape)
         rel = next((r for r in st.base if name == r + ".weight" or name.endswith("." + r + ".weight")), None)
         err_rtn, norm = st.base.get(rel, (float("nan"), 0.0))
         err = output_error(W, W_hat, st.G)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..formats import BlockFormat, QuantBlocks
+from .edge import to_numpy
 from .layer import LayerWork, sequential_walk
 
 
@@ -90,7 +91,7 @@ class Method:
 
     def quantize(self, name: str, group: str | None, W: torch.Tensor, fmt: type[BlockFormat]) -> tuple[QuantBlocks, LinearReport]:
         """Codes for W [co, ci] on fmt's grid, blocks in row-major order ([co * ci/32])."""
-        q = fmt.rtn(W.reshape(-1, fmt.block_size).numpy())
+        q = fmt.rtn(to_numpy(W.reshape(-1, fmt.block_size)))
         return q, LinearReport(name)
 
     def rounded(self, name: str) -> torch.Tensor | None:

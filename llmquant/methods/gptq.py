@@ -31,7 +31,9 @@ block's 32 columns with it), all rows at once. llama.cpp's own grid is always
 among the candidates. K-quants: the super-block's grid is llama.cpp's own
 importance-weighted search (the path ``llama-quantize --imatrix`` takes) with
 diag(H) of the block's columns as the importance, on the current weights.
-Everything runs on the CPU.
+Everything runs on the device of W and H (the CPU or a GPU); only the grids'
+llama.cpp rules (``fmt.rtn``, the k-quant searches) and the QuantBlocks
+returned cross to numpy (``edge``).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import torch
 from ..formats.base import BlockFormat, QuantBlocks
 from ..formats.kquant import SuperGrid
 from ..formats.torch_grid import dequantize as _dequant  # codes [..., n, g], d, m [..., n] -> weights
+from .edge import to_numpy, to_torch
 
 GROUP = 32  # block width of the legacy types, whose per-block grids the candidate search below serves
 _SCALE_STEPS = torch.linspace(0.70, 1.10, 21)  # d·s candidates, 1.0 included
@@ -80,8 +83,8 @@ class HessianAccumulator:
     enough, see tests): pass ``dtype=torch.float64`` for more digits.
     """
 
-    def __init__(self, ci: int, dtype: torch.dtype = torch.float32) -> None:
-        self.XtX = torch.zeros(ci, ci, dtype=dtype)
+    def __init__(self, ci: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        self.XtX = torch.zeros(ci, ci, dtype=dtype, device=device)  # on the inputs' device: no transfer per batch
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -110,21 +113,21 @@ def _candidates(
 
     w: [n, g] block weights; rtn: fmt.rtn of the same blocks.
     """
-    d0 = torch.from_numpy(np.asarray(rtn.scales, dtype=np.float32))
-    s = _SCALE_STEPS[:, None]
+    d0 = to_torch(np.asarray(rtn.scales, dtype=np.float32), w)
+    s = _SCALE_STEPS.to(w.device)[:, None]
     if rtn.mins is None:  # the extreme at either end of the code range, times s
         ext = w.gather(1, w.abs().argmax(dim=1, keepdim=True))[:, 0]
         return torch.cat([d0[None], ext / fmt.qmin * s, ext / fmt.qmax * s]), None
     # asymmetric: trim the range [lo, hi] from either side, and scale it about its middle
     lo = w.amin(dim=1)
     r = w.amax(dim=1) - lo
-    a = _SHRINK_STEPS
+    a = _SHRINK_STEPS.to(w.device)
     ta, tb = (t.reshape(-1) for t in torch.meshgrid(a, a, indexing="ij"))
     lo_c = lo + ta[:, None] * r
     d_c = (1 - ta - tb)[:, None] * r / fmt.qmax
     mid = lo + r / 2
     d_s = d0 * s
-    m0 = torch.from_numpy(np.asarray(rtn.mins, dtype=np.float32))
+    m0 = to_torch(np.asarray(rtn.mins, dtype=np.float32), w)
     return (
         torch.cat([d0[None], d_c, d_s]),
         torch.cat([m0[None], lo_c, mid - d_s * fmt.qmax / 2]),
@@ -212,10 +215,10 @@ def search_grid(
             for i in range(0, w.shape[0], _SEARCH_CHUNK)
         ]
         return _cat_grids(parts)
-    rtn = fmt.rtn(w.numpy())
+    rtn = fmt.rtn(to_numpy(w))
     if not scale_search:
-        d0 = torch.from_numpy(np.asarray(rtn.scales, dtype=np.float32))
-        return d0, None if rtn.mins is None else torch.from_numpy(np.asarray(rtn.mins, dtype=np.float32))
+        d0 = to_torch(np.asarray(rtn.scales, dtype=np.float32), w)
+        return d0, None if rtn.mins is None else to_torch(np.asarray(rtn.mins, dtype=np.float32), w)
     h = h.to(torch.float32).expand_as(w)
     d, m = _candidate_grids(w, h, fmt, rtn)
     return _pick(d, m, _weighted_err(w, h, _codes(w, d, m, fmt), d, m))
@@ -227,7 +230,7 @@ def _simulate_block(w, U, d, m, fmt) -> torch.Tensor:
     w: [n, g] current weights; U: [g, g] block of the upper Cholesky factor of H⁻¹.
     """
     Wk = w.expand(d.shape[0], -1, -1).clone()  # [K, n, g]
-    loss = torch.zeros(d.shape)
+    loss = torch.zeros(d.shape, device=d.device)
     for t in range(w.shape[1]):
         x = Wk[:, :, t]
         c = _codes(x[..., None], d, m, fmt)[..., 0]
@@ -258,11 +261,11 @@ def _blocks(W: torch.Tensor, n: int = GROUP) -> torch.Tensor:
 
 
 def _quant_blocks(codes, d, m) -> QuantBlocks:
-    """codes [co, ci], d/m [co, ci/32] (torch) -> QuantBlocks in ggml order."""
+    """codes [co, ci], d/m [co, ci/32] (torch, any device) -> QuantBlocks in ggml order (numpy)."""
     return QuantBlocks(
-        codes=codes.reshape(-1, GROUP).to(torch.int16).numpy(),
-        scales=d.reshape(-1).contiguous().numpy(),
-        mins=None if m is None else m.reshape(-1).contiguous().numpy(),
+        codes=to_numpy(codes.reshape(-1, GROUP).to(torch.int16)),
+        scales=to_numpy(d.reshape(-1).contiguous()),
+        mins=None if m is None else to_numpy(m.reshape(-1).contiguous()),
     )
 
 
@@ -274,7 +277,7 @@ def rtn_search(W: torch.Tensor, fmt: type[BlockFormat], hdiag: torch.Tensor | No
     """
     co, ci = W.shape
     wb = _blocks(W.to(torch.float32).contiguous())
-    hb = (torch.ones(ci) if hdiag is None else hdiag.to(torch.float32)).reshape(1, -1, GROUP)
+    hb = (torch.ones(ci, device=W.device) if hdiag is None else hdiag.to(torch.float32)).reshape(1, -1, GROUP)
     with _one_thread():
         d, m = search_grid(wb, hb.expand(co, -1, -1).reshape(-1, GROUP), fmt)
     return _quant_blocks(_codes(wb, d, m, fmt), d, m)
@@ -306,7 +309,7 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
     raises HessianError.
     """
     H = H.to(torch.float64)
-    eye = torch.eye(H.shape[0], dtype=torch.float64)
+    eye = torch.eye(H.shape[0], dtype=torch.float64, device=H.device)
     mean_diag = H.diagonal().mean().item()
     for attempt in range(_MAX_RETRIES + 1):
         if attempt:
@@ -324,8 +327,8 @@ def super_grid(w: torch.Tensor, h: torch.Tensor | None, fmt: type[BlockFormat]) 
     """A k-quant grid for the super-blocks w [n, 256]: llama.cpp's own search, weighted by
     h ([256] or [n, 256], e.g. diag(H) of their columns) as its imatrix path weighs columns
     (h None: its plain rule). The codes returned are the search's; GPTQ replaces them."""
-    imp = None if h is None else np.ascontiguousarray(h.to(torch.float32).expand_as(w).numpy())
-    return fmt.rtn(np.ascontiguousarray(w.to(torch.float32).numpy()), importance=imp)
+    imp = None if h is None else np.ascontiguousarray(to_numpy(h.to(torch.float32).expand_as(w)))
+    return fmt.rtn(np.ascontiguousarray(to_numpy(w.to(torch.float32))), importance=imp)
 
 
 def _block_grid(w, h, U, fmt, scale_search: bool, search_loss: str):
@@ -338,7 +341,7 @@ def _block_grid(w, h, U, fmt, scale_search: bool, search_loss: str):
     parts = []
     for i in range(0, w.shape[0], _SEARCH_CHUNK):
         wc = w[i : i + _SEARCH_CHUNK]
-        d, m = _candidate_grids(wc, h.expand_as(wc), fmt, fmt.rtn(wc.numpy()))
+        d, m = _candidate_grids(wc, h.expand_as(wc), fmt, fmt.rtn(to_numpy(wc)))
         parts.append(_pick(d, m, _simulate_block(wc, U, d, m, fmt)))
     return _cat_grids(parts)
 
@@ -358,7 +361,7 @@ def _walk(W, Hinv, fmt, S, M, block_cols, col_block=None, choose=None):
     """
     co, ci = W.shape
     gw, sub = fmt.block_size, fmt.sub_size
-    Q = torch.zeros(co, ci)
+    Q = torch.zeros(co, ci, device=W.device)
     for i1 in range(0, ci, block_cols):
         i2 = min(i1 + block_cols, ci)
         W1 = W[:, i1:i2].clone()
@@ -400,12 +403,12 @@ def _assemble(Q: torch.Tensor, pieces: list[QuantBlocks], fmt: type[BlockFormat]
             return None if parts[0] is None else np.stack(parts, axis=1).reshape(co * len(parts), *parts[0].shape[1:])
 
         grid = SuperGrid(d=cat(lambda g: g.d), sc=cat(lambda g: g.sc), dmin=cat(lambda g: g.dmin), m=cat(lambda g: g.m))
-    return fmt.make(Q.to(torch.int16).numpy(), grid)
+    return fmt.make(to_numpy(Q.to(torch.int16)), grid)
 
 
 def _rel_err(W: torch.Tensor, H: torch.Tensor, *W_hats: torch.Tensor) -> list[float]:
     """tr((W-Ŵ) H (W-Ŵ)ᵀ)/tr(W H Wᵀ) for each Ŵ, on at most _STAT_ROWS rows."""
-    rows = torch.linspace(0, W.shape[0] - 1, min(W.shape[0], _STAT_ROWS)).round().long()
+    rows = torch.linspace(0, W.shape[0] - 1, min(W.shape[0], _STAT_ROWS), device=W.device).round().long()
     H = H.to(torch.float32)
     Ms = torch.cat([W[rows]] + [W[rows] - Wh[rows] for Wh in W_hats])  # [(1+k)·r, ci]
     t = ((Ms @ H) * Ms).sum(-1).double().reshape(1 + len(W_hats), -1).sum(-1)
@@ -445,8 +448,8 @@ def gptq_quantize(
         raise ValueError(f"search_loss must be 'hdiag' or 'gptq', not {search_loss!r}")
     if not torch.isfinite(H).all():
         raise HessianError("Hessian has non-finite entries")
-    W0 = W.detach().to("cpu", torch.float32).contiguous()
-    H0 = H.detach().cpu()
+    W0 = W.detach().to(torch.float32).contiguous()
+    H0 = H.detach().to(W0.device)
     H = H0.to(torch.float64).clone()
     dead = H.diagonal() == 0
     if dead.all():
@@ -458,17 +461,17 @@ def gptq_quantize(
     pieces: list[QuantBlocks] = []  # k-quants: the grid of each block column range, in walk order
 
     perm = col_block = None
-    S = torch.zeros(co, nb)
-    M = torch.zeros(co, nb) if fmt.has_min else None
+    S = torch.zeros(co, nb, device=W0.device)
+    M = torch.zeros(co, nb, device=W0.device) if fmt.has_min else None
     if act_order:  # static groups: every block's grid from the original W
         perm = torch.argsort(hdiag, descending=True, stable=True)
         if two_level:
             qb = super_grid(_blocks(W0, gw), hdiag.reshape(-1, gw).repeat(co, 1) if scale_search else None, fmt)
             pieces = [qb]
         else:
-            qb = rtn_search(W0, fmt, hdiag) if scale_search else fmt.rtn(_blocks(W0).numpy())
-        S = torch.from_numpy(qb.scales).reshape(co, nb)
-        M = None if qb.mins is None else torch.from_numpy(qb.mins).reshape(co, nb)
+            qb = rtn_search(W0, fmt, hdiag) if scale_search else fmt.rtn(to_numpy(_blocks(W0)))
+        S = to_torch(qb.scales, W0).reshape(co, nb)
+        M = None if qb.mins is None else to_torch(qb.mins, W0).reshape(co, nb)
         col_block = (perm // sub).tolist()
         H = H[perm][:, perm]
     Hinv, damp = _inverse_cholesky(H, damp)
@@ -478,8 +481,8 @@ def gptq_quantize(
         if two_level:
             qb = super_grid(w, hdiag[j : j + gw] if scale_search else None, fmt)
             pieces.append(qb)
-            return (torch.from_numpy(qb.scales).reshape(co, -1),
-                    None if qb.mins is None else torch.from_numpy(qb.mins).reshape(co, -1))
+            return (to_torch(qb.scales, w).reshape(co, -1),
+                    None if qb.mins is None else to_torch(qb.mins, w).reshape(co, -1))
         d, m = _block_grid(w, hdiag[j : j + gw], U, fmt, scale_search, search_loss)
         return d[:, None], None if m is None else m[:, None]
 
@@ -488,8 +491,8 @@ def gptq_quantize(
         natural = torch.argsort(perm)
         Q, W = Q[:, natural], W[:, natural]
     q = _assemble(Q, pieces, fmt, act_order) if two_level else _quant_blocks(Q, S, M)
-    W_hat = torch.from_numpy(fmt.dequantize(q)).reshape(co, ci)
-    W_rtn = torch.from_numpy(fmt.dequantize(fmt.rtn(_blocks(W0, gw).numpy()))).reshape(co, ci)
+    W_hat = to_torch(fmt.dequantize(q), W0).reshape(co, ci)
+    W_rtn = to_torch(fmt.dequantize(fmt.rtn(to_numpy(_blocks(W0, gw)))), W0).reshape(co, ci)
     rel, rel_rtn = _rel_err(W0, H0, W_hat, W_rtn)
     return GPTQResult(q=q, W_hat=W_hat, rel_err=rel, rel_err_rtn=rel_rtn, damp=damp, n_dead=int(dead.sum()),
                       rounded=W)

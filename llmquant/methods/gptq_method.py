@@ -27,7 +27,7 @@ class GPTQMethod(Method, method="gptq"):
     def observe(self, group: str, x: torch.Tensor) -> None:
         acc = self._acc.get(group)
         if acc is None:
-            acc = self._acc[group] = HessianAccumulator(x.shape[-1])
+            acc = self._acc[group] = HessianAccumulator(x.shape[-1], device=x.device)
         acc.add(x)
 
     def quantize(self, name: str, group: str | None, W: torch.Tensor, fmt: type[BlockFormat]) -> tuple[QuantBlocks, LinearReport]:

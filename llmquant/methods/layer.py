@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..formats import BlockFormat, QuantBlocks
+from .edge import to_torch
 
 
 @dataclass(frozen=True)
@@ -33,11 +34,12 @@ class Group:
 class LayerWork:
     """One decoder layer handed to a method.
 
-    layer:   the HF decoder layer on the CPU, full-precision weights; a method leaves
-             each quantized linear's weight equal to the dequantization of its codes
-    inputs:  float32 [n, seq, hidden] the layer's calibration inputs
+    layer:   the HF decoder layer on the compute device (CPU or GPU), full-precision weights; a
+             method leaves each quantized linear's weight equal to the dequantization of its codes
+             and creates its own tensors on the layer's device (numpy only through ``edge``)
+    inputs:  float32 [n, seq, hidden] the layer's calibration inputs, on the same device
     kwargs:  what the model passes this layer besides the hidden states (rotary
-             cos/sin, mask: [1, ...], broadcast over batches)
+             cos/sin, mask: [1, ...], broadcast over batches), on the same device
     formats: module path of each linear to quantize -> its target format
     groups:  the true-sequential groups (only members in ``formats``), in order
     continuous: filled by ``sequential_walk`` where ``keep_continuous`` (a copy of the layer's
@@ -105,7 +107,7 @@ def sequential_walk(method, work: LayerWork) -> dict[str, QuantBlocks]:
             rounded = method.rounded(work.name(rel))  # taken either way: the method lets go of it
             if work.keep_continuous:
                 work.continuous[rel] = before if rounded is None else rounded.reshape(before.shape)
-            module.weight.data = torch.from_numpy(fmt.dequantize(q)).reshape(module.weight.shape)
+            module.weight.data = to_torch(fmt.dequantize(q), module.weight).reshape(module.weight.shape)
             codes[work.name(rel)] = q
             work.reports.append(report)
         method.end_group(key)

@@ -43,6 +43,7 @@ from ..formats import BlockFormat, QuantBlocks
 from ..formats.torch_grid import Projection
 from .awq import AWQGPTQMethod, AWQMethod
 from .base import Method
+from .edge import to_torch
 from .gptq_method import GPTQMethod
 from .layer import LayerWork, sequential_walk
 
@@ -102,9 +103,9 @@ class _Linear:
 def _start_state(fmt: type[BlockFormat], q: QuantBlocks, W: torch.Tensor) -> _Linear:
     co = W.shape[0]
     sub = fmt.sub_size
-    c0 = torch.from_numpy(q.codes.astype("float32")).reshape(co, -1, sub)
-    s0 = torch.from_numpy(q.scales).reshape(co, -1)
-    m0 = None if q.mins is None else torch.from_numpy(q.mins).reshape(co, -1)
+    c0 = to_torch(q.codes.astype("float32"), W).reshape(co, -1, sub)
+    s0 = to_torch(q.scales, W).reshape(co, -1)
+    m0 = None if q.mins is None else to_torch(q.mins, W).reshape(co, -1)
     grid = fmt.dequantize_torch(c0, s0, m0)
     Wb = W.to(torch.float32).reshape(co, -1, sub)
     near = fmt.nearest_codes(Wb, s0[..., None], None if m0 is None else m0[..., None])
@@ -138,12 +139,12 @@ class TuneMethod(Method, method="tune"):
                  for rel, fmt in work.formats.items() if work.name(rel) in start}
         err_start = float(_mse(work.outputs(), targets))  # the walk left the layer on the start codes
         params = [p for st in state.values() for p in st.params()]
-        gen = torch.Generator().manual_seed(work.index)
+        gen = torch.Generator().manual_seed(work.index)  # on the CPU: the same batches on every device
         n = work.inputs.shape[0]
         batch = min(self.tune_batch, n)
         losses = []
         for step in range(self.steps):
-            idx = torch.randperm(n, generator=gen)[:batch]
+            idx = torch.randperm(n, generator=gen, device="cpu")[:batch].to(work.inputs.device)
             loss = _mse(work.forward(work.inputs[idx], {rel: st.weights() for rel, st in state.items()}),
                         targets[idx])
             for p in params:
@@ -161,7 +162,7 @@ class TuneMethod(Method, method="tune"):
             losses.append(float(loss.detach()))
         with torch.no_grad():
             tuned = {rel: st.blocks() for rel, st in state.items()}
-            tuned_w = {rel: torch.from_numpy(st.fmt.dequantize(tuned[rel])).reshape(st.base.shape[0], -1)
+            tuned_w = {rel: to_torch(st.fmt.dequantize(tuned[rel]), st.base).reshape(st.base.shape[0], -1)
                        for rel, st in state.items()}
             err_tuned = float(_mse(work.outputs(weights=tuned_w), targets))
         keep = err_tuned < err_start
