@@ -201,11 +201,7 @@ def _build(target: Path, env: dict[str, str]) -> None:
     staged = work / "bin"
     shutil.rmtree(staged, ignore_errors=True)
     staged.mkdir()
-    for t in TOOLS:
-        built = build / "bin" / t
-        if not _usable(built):
-            raise LlmquantError(f"the llama.cpp build finished without {built}; see {log}")
-        shutil.copy2(built, staged / t)
+    _copy_tools(build / "bin", staged, log)
     seconds = time.perf_counter() - t0
     (staged / "build.json").write_text(json.dumps({
         "llama-cpp-python": LLAMA_CPP_PYTHON_VERSION, "path": "static, from the source package",
@@ -240,11 +236,7 @@ def _build_in_tree(tree: Path, target: Path, env: dict[str, str]) -> None:
                      f"-DCMAKE_MAKE_PROGRAM={program}"], log, env, "configuring llama-cpp-python's build tree")
         _run_logged([cmake, "--build", str(tree), "--target", *TOOLS, "-j", str(jobs)], log, env,
                     "compiling llama.cpp's tools")
-    for t in TOOLS:
-        built = tree / "bin" / t
-        if not _usable(built):
-            raise LlmquantError(f"the llama.cpp build finished without {built}; see {log}")
-        shutil.copy2(built, staged / t)
+    _copy_tools(tree / "bin", staged, log)
     seconds = time.perf_counter() - t0
     (staged / "build.json").write_text(json.dumps({
         "llama-cpp-python": LLAMA_CPP_PYTHON_VERSION, "path": "llama-cpp-python's build tree",
@@ -252,6 +244,15 @@ def _build_in_tree(tree: Path, target: Path, env: dict[str, str]) -> None:
         "seconds": round(seconds, 1), "jobs": jobs}, indent=1))
     _publish(staged, target)
     print(f"built llama-imatrix and llama-quantize in {seconds:.0f} s", file=sys.stderr, flush=True)
+
+
+def _copy_tools(built_dir: Path, staged: Path, log: Path) -> None:
+    """Both binaries from a finished build into ``staged``, or one line naming the missing one."""
+    for t in TOOLS:
+        built = built_dir / t
+        if not _usable(built):
+            raise LlmquantError(f"the llama.cpp build finished without {built}; see {log}")
+        shutil.copy2(built, staged / t)
 
 
 def _publish(staged: Path, target: Path) -> None:
