@@ -97,6 +97,28 @@ class BlockFormat:
         raise NotImplementedError
 
     @classmethod
+    def rtn_rows(cls, rows: np.ndarray, importance: np.ndarray | None = None) -> QuantBlocks:
+        """llama-quantize on whole rows: its reference rule, or with an importance matrix its weighted search.
+
+        rows: float32 [r, c] (c a multiple of block_size); importance: float32 [c], the mean
+        squared input of each column (what ``llama-quantize --imatrix`` reads), or None.
+        With importance llama.cpp runs a different quantizer (``quantize_row_*_impl``), whose
+        weights depend on the whole row (the legacy types' sigma2), hence rows, not blocks.
+        """
+        x = np.ascontiguousarray(rows, dtype=np.float32)
+        if importance is None:
+            return cls.rtn(x.reshape(-1, cls.block_size))
+        qw = np.asarray(importance, dtype=np.float32)
+        if x.ndim != 2 or qw.shape != (x.shape[1],):
+            raise ValueError(f"{cls.name}: importance must be [{x.shape[-1]}] for rows [r, c], not {qw.shape}")
+        return cls.rtn_weighted(x, qw)
+
+    @classmethod
+    def rtn_weighted(cls, rows: np.ndarray, importance: np.ndarray) -> QuantBlocks:
+        """``rtn_rows`` with an importance matrix; rows float32 [r, c], importance float32 [c]."""
+        raise NotImplementedError
+
+    @classmethod
     def pack(cls, q: QuantBlocks) -> np.ndarray:
         """QuantBlocks -> uint8 [n_blocks, type_size], llama.cpp's layout."""
         raise NotImplementedError

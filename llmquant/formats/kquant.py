@@ -88,6 +88,15 @@ class KQuantFormat(BlockFormat):
     m_max: ClassVar[int] = 0
 
     @classmethod
+    def rtn_weighted(cls, rows: np.ndarray, importance: np.ndarray) -> QuantBlocks:
+        """Every k-quant's ``rtn`` takes the imatrix per element of its super-blocks: the same
+        column importance for every row."""
+        r, c = rows.shape
+        per_element = np.broadcast_to(importance.reshape(1, c // cls.block_size, cls.block_size),
+                                      (r, c // cls.block_size, cls.block_size))
+        return cls.rtn(rows.reshape(-1, cls.block_size), per_element.reshape(-1, cls.block_size))
+
+    @classmethod
     def n_sub(cls) -> int:
         return cls.block_size // cls.sub_size
 

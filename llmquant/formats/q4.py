@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType
 
+from . import legacy_weighted
 from .base import BlockFormat, QuantBlocks, f16_bytes, f16_exact, f16_from_bytes
 
 # block_q4_0, 18 bytes:                  block_q4_1, 20 bytes:
@@ -85,6 +86,10 @@ class Q4_0(BlockFormat, qtype=GGMLQuantizationType.Q4_0):
         return QuantBlocks(codes=stored - 8, scales=f16_exact(d))
 
     @classmethod
+    def rtn_weighted(cls, rows: np.ndarray, importance: np.ndarray) -> QuantBlocks:
+        return legacy_weighted.symmetric(rows, importance, 8)
+
+    @classmethod
     def pack(cls, q: QuantBlocks) -> np.ndarray:
         cls.check(q)
         return np.concatenate([f16_bytes(q.scales), pack_nibbles(q.codes + 8)], axis=1)
@@ -108,6 +113,10 @@ class Q4_1(BlockFormat, qtype=GGMLQuantizationType.Q4_1):
         d = (x.max(axis=1) - lo) / np.float32(15)
         codes = truncate_codes((x - lo[:, None]) * reciprocal(d)[:, None] + np.float32(0.5), 15)
         return QuantBlocks(codes=codes, scales=f16_exact(d), mins=f16_exact(lo))
+
+    @classmethod
+    def rtn_weighted(cls, rows: np.ndarray, importance: np.ndarray) -> QuantBlocks:
+        return legacy_weighted.with_min(rows, importance, 15)
 
     @classmethod
     def pack(cls, q: QuantBlocks) -> np.ndarray:

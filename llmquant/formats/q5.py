@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType
 
+from . import legacy_weighted
 from .base import BlockFormat, QuantBlocks, f16_bytes, f16_exact, f16_from_bytes
 from .q4 import as_blocks, pack_nibbles, reciprocal, signed_extreme, truncate_codes, unpack_nibbles
 
@@ -60,6 +61,10 @@ class Q5_0(BlockFormat, qtype=GGMLQuantizationType.Q5_0):
         return QuantBlocks(codes=stored - 16, scales=f16_exact(d))
 
     @classmethod
+    def rtn_weighted(cls, rows: np.ndarray, importance: np.ndarray) -> QuantBlocks:
+        return legacy_weighted.symmetric(rows, importance, 16)
+
+    @classmethod
     def pack(cls, q: QuantBlocks) -> np.ndarray:
         cls.check(q)
         return np.concatenate([f16_bytes(q.scales), pack_q5(q.codes + 16)], axis=1)
@@ -82,6 +87,10 @@ class Q5_1(BlockFormat, qtype=GGMLQuantizationType.Q5_1):
         d = (x.max(axis=1) - lo) / np.float32(31)
         codes = truncate_codes((x - lo[:, None]) * reciprocal(d)[:, None] + np.float32(0.5), 31)
         return QuantBlocks(codes=codes, scales=f16_exact(d), mins=f16_exact(lo))
+
+    @classmethod
+    def rtn_weighted(cls, rows: np.ndarray, importance: np.ndarray) -> QuantBlocks:
+        return legacy_weighted.with_min(rows, importance, 31)
 
     @classmethod
     def pack(cls, q: QuantBlocks) -> np.ndarray:

@@ -57,6 +57,11 @@ class Q8_0(BlockFormat, qtype=GGMLQuantizationType.Q8_0):
         return QuantBlocks(codes=codes, scales=f16_exact(d))
 
     @classmethod
+    def rtn_weighted(cls, rows: np.ndarray, importance: np.ndarray) -> QuantBlocks:
+        """llama.cpp's ``quantize_q8_0`` ignores an importance matrix: the reference rule."""
+        return cls.rtn(rows.reshape(-1, cls.block_size))
+
+    @classmethod
     def pack(cls, q: QuantBlocks) -> np.ndarray:
         cls.check(q)
         qs = q.codes.astype(np.int8).view(np.uint8)
