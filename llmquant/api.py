@@ -62,6 +62,7 @@ def quantize(
     resume: bool = False,
     report: str | Path | None = None,
     device: str = "auto",
+    imatrix: str | Path | None = None,
 ) -> QuantReport:
     """Quantize a Hugging Face causal LM into a GGUF file that llama.cpp runs.
 
@@ -77,11 +78,18 @@ def quantize(
     device: where a calibrated method computes (``cpu``, ``cuda``, or ``auto``: the GPU where
         torch sees one); one decoder layer at a time is on it. rtn ignores it (always the CPU).
         Not part of the resume fingerprint: a run that ran out of GPU memory may continue on the CPU.
+    imatrix: an importance matrix file (``llmquant imatrix`` or ``llama-imatrix``, GGUF or legacy
+        .dat) for ``method="rtn"``: every search weighted by it and llama.cpp's plan with an
+        imatrix, byte-identical with ``llama-quantize --imatrix``.
     """
     t0 = time.perf_counter()
     recipe = get_recipe(type)
     type_ = recipe.name
     method = _check_settings(method, method_options, calibration, threads)
+    if imatrix is not None and (method.needs_calibration if isinstance(method, Method)
+                                else method_registry()[method].needs_calibration):
+        raise LlmquantError(f"--imatrix weights rtn's searches; {getattr(method, 'name', method)} weights its own by "
+                            "its calibration (diag(H) of the same activations): use --method rtn with --imatrix")
     device = resolve_device(device)
     if threads is not None:
         torch.set_num_threads(threads)
@@ -93,10 +101,18 @@ def quantize(
     check_tokenizer_files(model_dir)
     calib = calibration or CalibrationConfig()
     check_run_paths(out, model_dir, report=None if report is None else Path(report),
-                    inputs={calib.text_file: "the calibration text (--calib-text)"})
+                    inputs={calib.text_file: "the calibration text (--calib-text)",
+                            None if imatrix is None else Path(imatrix): "the importance matrix (--imatrix)"})
     store = WeightStore(model_dir, spec.checkpoint_renames)
-    plan = plan_tensors(spec, config, store, recipe, pure)
+    plan = plan_tensors(spec, config, store, recipe, pure, has_imatrix=imatrix is not None)
     meth = method if isinstance(method, Method) else make_method(method, **(method_options or {}))
+    importance = {}
+    if imatrix is not None:
+        from .imatrix import imatrix_columns, read_imatrix
+
+        importance = {name: values for name, (values, _) in read_imatrix(imatrix, imatrix_columns(plan)).items()}
+        meth.use_imatrix({e.source: importance[e.tensor.name] for e in plan.entries
+                          if e.source is not None and e.tensor.name in importance})
     tokens = runner = None
     if meth.needs_calibration:
         from .loading.layers import LayerRunner
@@ -109,14 +125,17 @@ def quantize(
                 "calibration_text": _text_digest(calib.text_file) if meth.needs_calibration else None,
                 # LAPACK's Cholesky and torch's parallel sums add in an order set by the thread
                 # count, which can flip a near-tied code: calibrated bytes are reproducible per count
-                "torch_threads": torch.get_num_threads() if meth.needs_calibration else None}
+                "torch_threads": torch.get_num_threads() if meth.needs_calibration else None,
+                "imatrix": _text_digest(None if imatrix is None else Path(imatrix))}
     point = work.open(fingerprint(model_dir, store.files, settings), resume)
     try:
         with GGUFOutput(out, spec.gguf_name, tmp=work.partial) as output:
             add_metadata(output.writer, spec, config, model_dir, recipe, meth.name)
+            if imatrix is not None:
+                _add_imatrix_metadata(output.writer, Path(imatrix), len(importance))
             output.declare(plan.tensors, None if point is None else (point.offset, point.n_written))
             pipe = Pipeline(spec=spec, config=config, store=store, plan=plan, method=meth,
-                            output=output, runner=runner, progress=progress)
+                            output=output, runner=runner, progress=progress, importance=importance)
             result = pipe.run(tokens, calib.batch_size, resume=point, work=work)
             output.commit()
     except (KeyboardInterrupt, ResumableError, MemoryError, RuntimeError) as exc:
@@ -150,6 +169,9 @@ def quantize(
         linears=result.reports,
         checksum=output.checksum,
         resumed_at_layer=point.layers_done if point else None,
+        imatrix=None if imatrix is None else str(imatrix),
+        imatrix_tensors=sum(e.tensor.name in importance and e.tensor.type not in ("f32", "f16", "bf16", "q8_0")
+                            for e in plan.entries),
     )
     if report is not None:
         _write_report(Path(report), summary)
@@ -163,6 +185,19 @@ def _write_report(path: Path, result: QuantReport) -> None:
         write_atomic(path, json.dumps(result.to_dict(), indent=1, default=str).encode())
     except OSError as exc:
         raise LlmquantError(f"wrote {result.out}, but cannot write the report {path}: {exc.strerror or exc}") from None
+
+
+def _add_imatrix_metadata(writer, path: Path, entries: int) -> None:
+    """The keys llama-quantize records for ``--imatrix`` (its values cut at 127 bytes, as it does)."""
+    from .imatrix import imatrix_source
+
+    source = imatrix_source(path)
+    writer.add_string("quantize.imatrix.file", str(path)[:127])
+    if source.datasets:
+        writer.add_string("quantize.imatrix.dataset", source.datasets[0][:127])
+    writer.add_int32("quantize.imatrix.entries_count", entries)
+    if source.chunk_count > 0:
+        writer.add_int32("quantize.imatrix.chunks_count", source.chunk_count)
 
 
 def _text_digest(path: Path | None) -> str | None:

@@ -40,12 +40,10 @@ def _add_quantize(sub) -> None:
                    help="continue an interrupted run from its work folder OUT.llmquant-work (same settings)")
     p.add_argument("--report", type=Path, default=None,
                    help="also write the full report as JSON (per-linear error vs RTN, time, method choices)")
-    g = p.add_argument_group("calibration (every method but rtn)")
-    g.add_argument("--calib-text", type=Path, default=None, help="text file for calibration")
-    g.add_argument("--calib-dataset", default=None, help="Hugging Face dataset name (needs hub access)")
-    g.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 128)")
-    g.add_argument("--calib-seqlen", type=int, default=None, help="tokens per window (default 512)")
-    g.add_argument("--seed", type=int, default=None, help="seed for picking windows (default 0)")
+    p.add_argument("--imatrix", type=Path, default=None,
+                   help="rtn: weight every search by this importance matrix (llmquant imatrix or llama-imatrix, "
+                        "GGUF or .dat), as llama-quantize --imatrix does")
+    _add_calibration_flags(p.add_argument_group("calibration (every method but rtn)"))
     g = p.add_argument_group("method options (each only where --method takes it)")
     g.add_argument("--damp", type=float, default=None, help="gptq, awq+gptq: damping, fraction of mean diag(H) (default 0.01)")
     g.add_argument("--act-order", action="store_true", help="gptq, awq+gptq: process columns by decreasing diag(H)")
@@ -55,6 +53,14 @@ def _add_quantize(sub) -> None:
     g.add_argument("--tune-steps", type=int, default=None, help="tune methods: steps per layer (default 50)")
     g.add_argument("--tune-lr", type=float, default=None, help="tune methods: signed-gradient step of the rounding offsets, in codes (default 5e-3)")
     g.add_argument("--tune-batch", type=int, default=None, help="tune methods: calibration sequences per step (default 1)")
+
+
+def _add_calibration_flags(g) -> None:
+    g.add_argument("--calib-text", type=Path, default=None, help="text file for calibration")
+    g.add_argument("--calib-dataset", default=None, help="Hugging Face dataset name (needs hub access)")
+    g.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 128)")
+    g.add_argument("--calib-seqlen", type=int, default=None, help="tokens per window (default 512)")
+    g.add_argument("--seed", type=int, default=None, help="seed for picking windows (default 0)")
 
 
 # method option (constructor keyword) -> (argparse dest, value from the typed flag); only typed flags are passed
@@ -69,18 +75,55 @@ def _typed(value) -> bool:
     return value is not None and value is not False
 
 
-def _run_quantize(args) -> int:
-    from .api import quantize
+def _calibration(args):
     from .calibration import CalibrationConfig
 
     given = {k: getattr(args, dest) for k, dest in _CALIB_FLAGS.items() if _typed(getattr(args, dest))}
-    calib = CalibrationConfig(**given) if given else None
+    return CalibrationConfig(**given) if given else None
+
+
+def _run_quantize(args) -> int:
+    from .api import quantize
+
+    calib = _calibration(args)
     options = {k: (conv or (lambda v: v))(getattr(args, dest))
                for k, (dest, conv) in _METHOD_FLAGS.items() if _typed(getattr(args, dest))}
     report = quantize(args.model, args.out, type=args.type, method=args.method, pure=args.pure,
                       calibration=calib, method_options=options, threads=args.threads, resume=args.resume,
-                      report=args.report, device=args.device, progress=not args.quiet and sys.stderr.isatty())  # no bar in logs and pipes
+                      report=args.report, device=args.device, imatrix=args.imatrix, progress=not args.quiet and sys.stderr.isatty())  # no bar in logs and pipes
     print(report.summary())
+    return 0
+
+
+def _add_imatrix(sub) -> None:
+    p = sub.add_parser("imatrix", help="compute an importance matrix for llama-quantize --imatrix, one layer at a time")
+    p.add_argument("model", nargs="?", default=None,
+                   help="hub id, local folder, or a built-in model; default: SmolLM2-135M-Instruct")
+    p.add_argument("--out", "-o", required=True, type=Path, help="output file (e.g. model.imatrix.gguf)")
+    p.add_argument("--legacy", action="store_true", help="llama.cpp's older .dat format instead of GGUF")
+    p.add_argument("--process-output", action="store_true",
+                   help="also the output head's input (as llama-imatrix --process-output)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    _add_calibration_flags(p.add_argument_group("calibration text (each window is one llama-imatrix chunk)"))
+
+
+def _run_imatrix(args) -> int:
+    from .imatrix import compute_imatrix
+    from .options import check_calibration, check_value
+
+    calib = _calibration(args)
+    check_calibration("imatrix", True, calib)
+    if args.threads is not None:
+        import torch
+
+        check_value("threads", args.threads)
+        torch.set_num_threads(args.threads)
+    r = compute_imatrix(args.model, args.out, calibration=calib, process_output=args.process_output,
+                        legacy=args.legacy, progress=not args.quiet and sys.stderr.isatty())
+    print(f"wrote {r.out}\n  {r.entries} weights, {r.chunk_count} chunks of {r.chunk_size} tokens "
+          f"({r.tokens} tokens), {r.seconds:.1f} s\n  use it: llmquant quantize ... --imatrix {r.out}  "
+          f"(or llama-quantize --imatrix {r.out} ...)")
     return 0
 
 
@@ -129,6 +172,7 @@ def _run_perplexity(args) -> int:
 
 COMMANDS = {
     "quantize": (_add_quantize, _run_quantize),
+    "imatrix": (_add_imatrix, _run_imatrix),
     "generate": (_add_generate, _run_generate),
     "inspect": (_add_inspect, _run_inspect),
     "perplexity": (_add_perplexity, _run_perplexity),
@@ -144,6 +188,8 @@ EPILOG = """\
 examples:
   llmquant quantize --type q4_0 --out smollm2-q4_0.gguf
   llmquant quantize ./my-llama --type Q4_K_M --method awq+gptq --out my-llama-Q4_K_M.gguf
+  llmquant imatrix ./my-llama --out my-llama.imatrix.gguf
+  llmquant quantize ./my-llama --type Q4_K_M --imatrix my-llama.imatrix.gguf --out my-llama-Q4_K_M.gguf
   llmquant generate smollm2-q4_0.gguf "The capital of France is"
   llmquant perplexity smollm2-q4_0.gguf --ref smollm2-f32.gguf
 

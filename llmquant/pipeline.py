@@ -48,11 +48,12 @@ class PipelineResult:
 
 
 def encode(spec: ArchSpec, config: dict, hf_name: str | None, planned: PlannedTensor, W: torch.Tensor,
-           q=None) -> np.ndarray:
+           q=None, importance: np.ndarray | None = None) -> np.ndarray:
     """Bytes of one tensor in llama.cpp's layout (rows permuted where the arch says so).
 
     W: float32 [co, ci] or [n]; q: the QuantBlocks a method chose, for quantized types;
-    hf_name: None for a generated tensor, already in llama.cpp's layout.
+    hf_name: None for a generated tensor, already in llama.cpp's layout;
+    importance: float32 [ci], the imatrix rtn weighs by where q is None.
     """
     if planned.type in FLOAT_TYPES:
         rows = W.numpy() if hf_name is None else spec.to_gguf_rows(hf_name, W.numpy(), config)
@@ -63,7 +64,7 @@ def encode(spec: ArchSpec, config: dict, hf_name: str | None, planned: PlannedTe
         return gguf.quants.quantize(np.ascontiguousarray(rows, dtype=np.float32), gguf.GGMLQuantizationType.BF16)
     fmt = get_format(planned.type)
     if q is None:
-        q = fmt.rtn(W.reshape(-1, fmt.block_size).numpy())
+        q = fmt.rtn_rows(W.numpy(), importance)
     packed = fmt.pack(q).reshape(W.shape[0], -1)
     return packed if hf_name is None else spec.to_gguf_rows(hf_name, packed, config)
 
@@ -95,15 +96,18 @@ class Pipeline:
     """Streams one model through a method into a GGUFOutput."""
 
     def __init__(self, *, spec: ArchSpec, config: dict, store, plan: TensorPlan,
-                 method: Method, output: GGUFOutput, runner=None, progress: bool = True):
+                 method: Method, output: GGUFOutput, runner=None, progress: bool = True,
+                 importance: dict[str, np.ndarray] | None = None):
         self.spec, self.config, self.store, self.plan = spec, config, store, plan
         self.method, self.output, self.runner = method, output, runner
         self.progress = progress
+        self.importance = importance or {}  # GGUF name -> imatrix [ci], for what rtn writes here
         self.result = PipelineResult()
 
     def _write(self, hf_name: str, W: torch.Tensor, q=None) -> None:
         planned = self.plan[hf_name]
-        self.output.write(planned.name, encode(self.spec, self.config, hf_name, planned, W, q))
+        self.output.write(planned.name, encode(self.spec, self.config, hf_name, planned, W, q,
+                                               self.importance.get(planned.name)))
 
     def _write_entry(self, entry: PlanEntry, tokens: torch.Tensor | None = None) -> torch.Tensor | None:
         """Write one tensor outside the layers; returns the embedding rows of ``tokens`` where it gathers them."""
@@ -133,7 +137,7 @@ class Pipeline:
                 if hidden is not None:
                     hit = (tokens >= start) & (tokens < start + W.shape[0])
                     hidden[hit] = W[tokens[hit] - start]
-                yield encode(self.spec, self.config, hf_name, planned, W)
+                yield encode(self.spec, self.config, hf_name, planned, W, importance=self.importance.get(planned.name))
 
         self.output.write_chunks(planned.name, chunks())
         if hidden is not None and self.spec.embed_scale is not None:  # what the model feeds layer 0 (Gemma)

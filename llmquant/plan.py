@@ -13,6 +13,7 @@ Generated tensors come first, as llama.cpp's converter writes them.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -82,10 +83,15 @@ def model_facts(spec: ArchSpec, config: dict) -> ModelFacts:
     return ModelFacts(n_layers=n_layers, n_gqa=heads // kv if heads % kv == 0 else 1, is_70b=is_70b)
 
 
-def plan_tensors(spec: ArchSpec, config: dict, store: WeightStore, recipe: Recipe, pure: bool) -> TensorPlan:
-    """Every output tensor in file order, each checked against the config and typed by the recipe."""
+def plan_tensors(spec: ArchSpec, config: dict, store: WeightStore, recipe: Recipe, pure: bool, *,
+                 has_imatrix: bool = False) -> TensorPlan:
+    """Every output tensor in file order, each checked against the config and typed by the recipe.
+
+    has_imatrix: the run quantizes with an importance matrix, which changes llama.cpp's plan
+    (q4_0/q5_0 put the first eighth of ffn_down in q4_1/q5_1).
+    """
     n_layers = config_int(config, "num_hidden_layers")
-    facts = model_facts(spec, config)
+    facts = dataclasses.replace(model_facts(spec, config), has_imatrix=has_imatrix)
     has_head = _has_own_head(spec, config, store)
     checkpoint = _checkpoint_names(spec, config, store, n_layers, has_head)
     shapes = _expected_shapes(spec, config, checkpoint)

@@ -44,6 +44,8 @@ CONDITIONS = {
     "layer<4": lambda i, n, m: i < 4,
     "gqa>=4": lambda i, n, m: m.n_gqa >= 4,
     "70b": lambda i, n, m: m.is_70b,
+    # llama.cpp guards the first ffn_down layers of q4_0/q5_0 only when it has an imatrix
+    "imatrix_first_8th": lambda i, n, m: m.has_imatrix and i < n // 8,
 }
 
 
@@ -77,6 +79,7 @@ class ModelFacts:
     n_layers: int
     n_gqa: int = 1  # attention heads per kv head
     is_70b: bool = False  # llama.cpp's LLM_TYPE_70B (80 layers; llama with grouped kv heads, qwen2)
+    has_imatrix: bool = False  # quantized with an importance matrix (llama.cpp's qs.has_imatrix)
 
 
 _BUMP_70B = Rule("attn_v", "q5_k", "70b", only_from=("q3_k", "q4_k"))
@@ -94,9 +97,9 @@ RECIPES: dict[str, Recipe] = {
         Recipe("f16", "f16", _LFT.MOSTLY_F16),
         Recipe("bf16", "bf16", _LFT.MOSTLY_BF16),
         _recipe("q8_0", "q8_0", _LFT.MOSTLY_Q8_0),
-        _recipe("q4_0", "q4_0", _LFT.MOSTLY_Q4_0),
+        _recipe("q4_0", "q4_0", _LFT.MOSTLY_Q4_0, Rule("ffn_down", "q4_1", "imatrix_first_8th")),
         _recipe("q4_1", "q4_1", _LFT.MOSTLY_Q4_1),
-        _recipe("q5_0", "q5_0", _LFT.MOSTLY_Q5_0),
+        _recipe("q5_0", "q5_0", _LFT.MOSTLY_Q5_0, Rule("ffn_down", "q5_1", "imatrix_first_8th")),
         _recipe("q5_1", "q5_1", _LFT.MOSTLY_Q5_1),
         _recipe("q2_k", "q2_k", _LFT.MOSTLY_Q2_K,
                 Rule("attn_v", "q4_k", "gqa>=4"), Rule("attn_v", "q3_k"),

@@ -43,6 +43,8 @@ class QuantReport:
     checksum: str = ""  # sha256 of the tensor data, read back from the written file
     resumed_at_layer: int | None = None
     device: str = "cpu"  # where the calibrated method computed (rtn: always the CPU)
+    imatrix: str | None = None  # the importance matrix file rtn's searches were weighted by
+    imatrix_tensors: int = 0  # how many tensors it weighted
 
     @property
     def n_params(self) -> int:
@@ -79,6 +81,8 @@ class QuantReport:
         lines.append(f"  data    {self.checksum}")
         if self.resumed_at_layer is not None:
             lines.append(f"  resumed after layer {self.resumed_at_layer} of an interrupted run")
+        if self.imatrix is not None:
+            lines.append(f"  imatrix {self.imatrix} (weighted {self.imatrix_tensors} tensors)")
         if self.calibration_tokens:
             lines.append(f"  calibration {self.calibration_tokens} tokens")
         errs = [r for r in self.linears if r.err_method is not None and r.err_rtn]

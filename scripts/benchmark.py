@@ -6,7 +6,9 @@
 Writes an f32 reference GGUF with llmquant, quantizes it per type with
 llama.cpp (default policy), with llama.cpp after an importance matrix
 (``llama-imatrix`` on llmquant's own calibration windows, then
-``llama-quantize --imatrix``), and the model with every llmquant method, runs
+``llama-quantize --imatrix``), and the model with every llmquant method
+(``rtn+imatrix``: llmquant's streamed imatrix on the same windows, then
+``quantize --imatrix``, the drop-in replacement of that pipeline), runs
 each quantization in a child process (time and peak RSS are per file),
 evaluates every file against the f32 file on the same held-out tokens, and
 writes a markdown table, results.json and kld_vs_bpw.png. See docs/benchmarks.md.
@@ -38,6 +40,7 @@ FTYPES = {"q4_0": 2, "q4_1": 3, "q5_0": 8, "q5_1": 9, "q8_0": 7,
 LEGACY_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")  # the default --types
 LLAMA_CPP = "llama.cpp"
 LLAMA_CPP_IMATRIX = "llama.cpp+imatrix"  # llama-imatrix, then llama-quantize --imatrix
+OURS_IMATRIX = "rtn+imatrix"  # llmquant imatrix, then llmquant quantize --imatrix (the drop-in replacement)
 REFERENCE = "reference"  # the f32 file's "method"
 KEY_FIELDS = ("type", "method", "model", "ctx", "windows", "calib")
 
@@ -59,7 +62,7 @@ else:
     calib = llmquant.CalibrationConfig(**job["calib"]) if job["calib"] else None
     try:
         llmquant.quantize(job["model"], job["out"], type=job["type"], method=job["method"],
-                          calibration=calib, threads=job["threads"], progress=False)
+                          calibration=calib, threads=job["threads"], progress=False, imatrix=job.get("imatrix"))
     except LlmquantError as exc:
         sys.exit(f"error: {exc}")
 seconds = time.perf_counter() - t0
@@ -73,7 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="hub id or HF folder (default: the built-in SmolLM2-135M-Instruct)")
     p.add_argument("--types", default=None, help="comma-separated, any case: " + ",".join(FTYPES)
                    + " (default: " + ",".join(LEGACY_TYPES) + ")")
-    p.add_argument("--methods", default="rtn,gptq", help="comma-separated llmquant methods (default: rtn,gptq)")
+    p.add_argument("--methods", default="rtn,gptq",
+                   help=f"comma-separated llmquant methods, and {OURS_IMATRIX} (llmquant imatrix on the "
+                        "calibration windows, then rtn --imatrix) (default: rtn,gptq)")
     p.add_argument("--ctx", type=int, default=None, help="evaluation window in tokens (default 512)")
     p.add_argument("--windows", type=int, default=None, help="evaluation windows (default: all of the held-out text)")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration windows for calibrated methods (128)")
@@ -87,7 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     methods = args.requested = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.subset:
-        methods = [m for m in ("rtn", "gptq") if m == "rtn" or m in methods]
+        methods = [m for m in ("rtn", OURS_IMATRIX, "gptq") if m == "rtn" or m in methods]
     sub = args.subset
     args.methods = methods
     canonical = {name.lower(): name for name in FTYPES}
@@ -110,7 +115,8 @@ def check_args(args: argparse.Namespace) -> dict[str, bool]:
     if args.ctx < 4 or (args.windows is not None and args.windows < 1) or args.threads < 1 \
             or args.calib_samples < 1 or args.calib_seqlen < 2:
         raise LlmquantError("need --ctx >= 4, --windows >= 1, --threads >= 1, --calib-samples >= 1, --calib-seqlen >= 2")
-    needs = {m: make_method(m).needs_calibration for m in args.requested}  # unknown method -> LlmquantError
+    # unknown method -> LlmquantError; rtn+imatrix is calibrated through its imatrix
+    needs = {m: m == OURS_IMATRIX or make_method(m).needs_calibration for m in args.requested}
     if args.imatrix:  # builds llama-imatrix and llama-quantize once per machine (minutes); no cmake -> one line
         from llmquant.eval.llamacpp_tools import TOOLS, tool_path
 
@@ -168,9 +174,11 @@ def plan_rows(args: argparse.Namespace, needs: dict[str, bool]) -> list[dict]:
         for m in args.methods:
             c = calib if needs[m] else None
             tag = ctag if c else ""
+            job = {"method": m, "type": t, "model": args.model, "calib": c}
+            if m == OURS_IMATRIX:
+                job = {**job, "method": "rtn", "calib": None, "imatrix": str(our_imatrix_path(args))}
             rows.append({**base, "type": t, "method": m, "calib": c,
-                         "file": str(args.out_dir / f"{slug}-{t}-{m}{tag}.gguf"),
-                         "job": {"method": m, "type": t, "model": args.model, "calib": c}})
+                         "file": str(args.out_dir / f"{slug}-{t}-{m}{tag}.gguf"), "job": job})
     return rows
 
 
@@ -180,6 +188,33 @@ def calib_slug(args: argparse.Namespace) -> str:
 
 def imatrix_path(args: argparse.Namespace) -> Path:
     return args.out_dir / f"{calib_slug(args)}.imatrix.gguf"
+
+
+def our_imatrix_path(args: argparse.Namespace) -> Path:
+    return args.out_dir / f"{calib_slug(args)}.llmquant.imatrix.gguf"
+
+
+def ensure_our_imatrix(args: argparse.Namespace, info: dict) -> Path:
+    """llmquant's streamed imatrix on the same calibration windows, once per out-dir (or --force)."""
+    import time
+
+    from llmquant.calibration import CalibrationConfig
+    from llmquant.imatrix import compute_imatrix
+    out = our_imatrix_path(args)
+    meta_file = out.with_suffix(".json")
+    if out.is_file() and meta_file.is_file() and not args.force:
+        info.update(json.loads(meta_file.read_text()))
+        return out
+    print(f"[bench] llmquant imatrix on {args.calib_samples} x {args.calib_seqlen} calibration tokens -> {out}",
+          file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    r = compute_imatrix(args.model, out, calibration=CalibrationConfig(samples=args.calib_samples,
+                                                                       seqlen=args.calib_seqlen), progress=False)
+    meta = {"our_imatrix_file": str(out), "our_imatrix_chunks": r.chunk_count,
+            "our_imatrix_seconds": time.perf_counter() - t0}
+    meta_file.write_text(json.dumps(meta, indent=1))
+    info.update(meta)
+    return out
 
 
 def write_calibration_text(args: argparse.Namespace, path: Path) -> int:
@@ -358,6 +393,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> list[dict]:
         else:
             if row["method"] == LLAMA_CPP_IMATRIX and "imatrix_file" not in extra:
                 ensure_imatrix(args, ref, extra)  # once per run, from the f32 file (the first row)
+            if row["method"] == OURS_IMATRIX and "our_imatrix_file" not in extra:
+                ensure_our_imatrix(args, extra)
             new = measure(row, ref, text, args)
             saved[row_key(new)] = new
             save_results(results, list(saved.values()), run_info(args, argv, new["tokens"], extra))
@@ -368,6 +405,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> list[dict]:
         saved[row_key(r)] = r
     if args.imatrix and "imatrix_file" not in extra and imatrix_path(args).with_suffix(".json").is_file():
         extra.update(json.loads(imatrix_path(args).with_suffix(".json").read_text()))
+    ours = our_imatrix_path(args).with_suffix(".json")
+    if OURS_IMATRIX in args.methods and "our_imatrix_file" not in extra and ours.is_file():
+        extra.update(json.loads(ours.read_text()))
     save_results(results, list(saved.values()), run_info(args, argv, done[0]["tokens"], extra))
     title = f"{args.model or 'SmolLM2-135M-Instruct'}: ctx {args.ctx}, {done[0]['tokens']} scored tokens"
     plot(done, args.out_dir / "kld_vs_bpw.png", title)

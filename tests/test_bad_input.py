@@ -573,6 +573,8 @@ PATH_CASES = {
     "out-is-calib-text": PathCase(r"output .*/calib\.txt would overwrite the calibration text \(--calib-text\)",
                                   lambda m, t: ["--out", str(_file(t / "calib.txt")), "--method", "gptq",
                                                 "--calib-text", str(t / "calib.txt")]),
+    "out-is-imatrix": PathCase(r"output .*/im\.gguf would overwrite the importance matrix \(--imatrix\)",
+                               lambda m, t: ["--out", str(_file(t / "im.gguf")), "--imatrix", str(t / "im.gguf")]),
     "work-folder-is-a-file": PathCase(r"m\.gguf\.llmquant-work exists and is not a work folder",
                                       lambda m, t: ["--out", str(t / "m.gguf"),
                                                     "--type", "q8_0"] if _file(t / "m.gguf.llmquant-work") else []),
@@ -722,6 +724,11 @@ OPTION_CASES = {
     "unknown-flag": OptionCase(r"unrecognized arguments: --dampp 1" + HELP, ("--dampp", "1")),
     "device-unknown": OptionCase(r"--device must be one of auto, cpu, cuda, got 'tpu'$", (), {"device": "tpu"}),
     "device-unknown-flag": OptionCase(r"argument --device: invalid choice: 'tpu'", ("--device", "tpu")),
+    "imatrix-missing": OptionCase(r"cannot read the imatrix missing\.gguf: No such file or directory$",
+                                  ("--imatrix", "missing.gguf"), {"imatrix": "missing.gguf"}),
+    "imatrix-with-gptq": OptionCase(r"--imatrix weights rtn's searches; gptq weights its own by its calibration",
+                                    ("--method", "gptq", "--imatrix", "missing.gguf"),
+                                    {"method": "gptq", "imatrix": "missing.gguf"}),
 }
 
 

@@ -16,9 +16,10 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 IMX = "llama.cpp+imatrix"
+OURS = "rtn+imatrix"
 # One thread: on a shared 2-core machine llama.cpp's spinning worker threads are
 # several times slower than one thread when the cores are oversubscribed.
-ARGS = ["--subset", "--methods", "rtn", "--threads", "1"]
+ARGS = ["--subset", "--methods", f"rtn,{OURS}", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +50,8 @@ def first_run(bench, tmp_path_factory):
 def test_subset_table_rtn_equals_llama_cpp(first_run):
     out_dir, out = first_run
     rows = table_rows(out)
-    assert set(rows) == {("f32", "reference"), ("q8_0", "llama.cpp"), ("q8_0", IMX), ("q8_0", "rtn"),
-                         ("q4_0", "llama.cpp"), ("q4_0", IMX), ("q4_0", "rtn")}
+    assert set(rows) == {("f32", "reference"), ("q8_0", "llama.cpp"), ("q8_0", IMX), ("q8_0", "rtn"), ("q8_0", OURS),
+                         ("q4_0", "llama.cpp"), ("q4_0", IMX), ("q4_0", "rtn"), ("q4_0", OURS)}
     assert rows["f32", "reference"]["Δppl"] == "+0.0000"
     for t in ("q8_0", "q4_0"):
         ours, theirs = rows[t, "rtn"], rows[t, "llama.cpp"]
@@ -65,7 +66,7 @@ def test_results_json_and_plot(first_run):
     assert info["ctx"] == 128 and info["windows"] == 2 and info["tokens"] == 2 * 63
     assert {"machine", "nproc", "date", "command", "model"} <= info.keys()
     rows = {(r["type"], r["method"]): r for r in data["rows"]}
-    assert len(rows) == 7
+    assert len(rows) == 9
     for t in ("q8_0", "q4_0"):
         ours, theirs = rows[t, "rtn"], rows[t, "llama.cpp"]
         # RTN files are byte-identical to llama.cpp's: exactly the same size and KLD
@@ -128,6 +129,35 @@ def test_imatrix_series(first_run):
         rows["q4_0", "rtn"]["kld_ratio"] * rows["q4_0", "llama.cpp"]["kld"] / rows["q4_0", IMX]["kld"])
 
 
+def test_our_imatrix_series_is_llama_cpps_pipeline_streamed(first_run, tmp_path):
+    """rtn+imatrix is llmquant's streamed imatrix on the same windows, then quantize --imatrix:
+    llama-quantize given our imatrix file writes exactly our file's tensors; against llama.cpp's own
+    pipeline the only difference is the imatrix values (llama-imatrix keeps K/V in f16), so the plan
+    and the size are the same and the KLDs nearly so."""
+    import gguf
+
+    from llmquant.eval.llamacpp_tools import quantize_with_imatrix
+
+    out_dir, _ = first_run
+    data = json.loads((out_dir / "results.json").read_text())
+    info, rows = data["run"], {(r["type"], r["method"]): r for r in data["rows"]}
+    assert info["our_imatrix_chunks"] == 4 and info["our_imatrix_seconds"] > 0
+
+    def tensors(path):
+        return {t.name: (int(t.tensor_type), bytes(t.data.tobytes())) for t in gguf.GGUFReader(path).tensors}
+
+    ours, theirs = rows["q4_0", OURS], rows["q4_0", IMX]
+    lq = quantize_with_imatrix(rows["f32", "reference"]["file"], tmp_path / "lq.gguf", "q4_0",
+                               info["our_imatrix_file"], threads=1)
+    assert tensors(lq) == tensors(ours["file"])
+    mine, llama = tensors(ours["file"]), tensors(theirs["file"])
+    assert {n: t for n, (t, _) in mine.items()} == {n: t for n, (t, _) in llama.items()}
+    assert ours["bits_per_weight"] == theirs["bits_per_weight"]
+    assert mine != tensors(rows["q4_0", "rtn"]["file"])
+    assert abs(ours["kld_ratio_imatrix"] - 1) < 0.05 and ours["kld_ratio"] < 0.9
+    assert tensors(rows["q8_0", OURS]["file"]) == tensors(rows["q8_0", "rtn"]["file"])  # q8_0 ignores it
+
+
 def test_imatrix_saw_llmquants_calibration_windows(bench, first_run, smollm2_dir):
     """The text fed to llama-imatrix tokenizes, in llama.cpp, to exactly the windows gptq/awq calibrate on."""
     import llama_cpp
@@ -158,8 +188,9 @@ def test_second_run_skips_everything(bench, first_run, monkeypatch, capsys):
     assert bench.main([*ARGS, "--out-dir", str(out_dir)]) == 0
     again = capsys.readouterr()
     assert table_rows(again.out) == table_rows(out)
-    assert again.err.count("skip") == 7
-    assert "llama-imatrix on" not in again.err  # the imatrix is not recomputed either
+    assert again.err.count("skip") == 9
+    assert "llama-imatrix on" not in again.err  # the imatrices are not recomputed either
+    assert "llmquant imatrix on" not in again.err
     assert json.loads((out_dir / "results.json").read_text())["rows"] == before
 
 
@@ -177,7 +208,7 @@ def test_no_imatrix_drops_the_series(bench, first_run, capsys):
     rows = table_rows(again.out)
     assert set(rows) == {k for k in table_rows(out) if k[1] != IMX}
     assert all(r["KLD ratio imatrix"] == "-" for r in rows.values())
-    assert again.err.count("skip") == 5
+    assert again.err.count("skip") == 7
 
 
 def test_kquant_recipe_names(bench, tmp_path, capsys):

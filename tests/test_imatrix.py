@@ -185,3 +185,87 @@ def test_without_process_output_the_head_is_left_to_llama_quantize(case, tmp_pat
     read = read_imatrix(ours.out, case.columns)
     assert "output.weight" not in read and len(read) == 2 * 7
     assert read.keys() == read_imatrix(case.default, case.columns).keys()
+
+
+def _types_and_bytes_equal(a: Path, b: Path) -> dict[str, float]:
+    ta = {t.name: t.tensor_type for t in gguf.GGUFReader(a).tensors}
+    tb = {t.name: t.tensor_type for t in gguf.GGUFReader(b).tensors}
+    assert ta == tb, {n: (ta[n].name, tb[n].name) for n in ta if ta[n] != tb.get(n)}
+    return _blocks_differ(a, b)
+
+
+@pytest.mark.parametrize("ftype", ["q4_0", "q5_1", "Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_S", "Q6_K"])
+def test_rtn_with_imatrix_is_llama_quantize_byte_for_byte(case, ftype):
+    """``quantize --imatrix`` with llama-imatrix's own file: every tensor's type and bytes are
+    llama-quantize's with that file (the head too: it has an entry), k-quants and legacy types alike."""
+    from llmquant.eval.llamacpp_tools import quantize_with_imatrix
+
+    d = case.dir
+    theirs = quantize_with_imatrix(case.f32, d / f"lq-{ftype}.gguf", ftype, case.f32_cache, threads=2)
+    ours = llmquant.quantize(case.model, d / f"rtn-im-{ftype}.gguf", type=ftype, imatrix=case.f32_cache,
+                             progress=False)
+    differ = _types_and_bytes_equal(ours.out, theirs)
+    assert differ and max(differ.values()) == 0.0, {n: v for n, v in differ.items() if v}
+    assert ours.imatrix_tensors == 15
+    r = gguf.GGUFReader(ours.out)
+    assert r.get_field("quantize.imatrix.entries_count").contents() == 15
+    assert r.get_field("quantize.imatrix.chunks_count").contents() == N
+
+
+def test_rtn_with_our_dat_imatrix_matches_llama_quantize_and_differs_from_plain(case):
+    """The legacy .dat path too; and the imatrix changes the file (it is not ignored)."""
+    from llmquant.eval.llamacpp_tools import quantize_with_imatrix
+
+    d = case.dir
+    theirs = quantize_with_imatrix(case.f32, d / "lq-dat-q4_k_m.gguf", "Q4_K_M", case.ours_dat, threads=2)
+    ours = llmquant.quantize(case.model, d / "rtn-dat-q4_k_m.gguf", type="Q4_K_M", imatrix=case.ours_dat,
+                             progress=False).out
+    assert max(_types_and_bytes_equal(ours, theirs).values()) == 0.0
+    plain = llmquant.quantize(case.model, d / "rtn-plain-q4_k_m.gguf", type="Q4_K_M", progress=False).out
+    changed = _blocks_differ(ours, plain)
+    assert changed["token_embd.weight"] == 0.0  # no entry for the embedding
+    assert min(v for n, v in changed.items() if n != "token_embd.weight") > 0.05
+    assert len(generate(ours, "Once upon a time", max_tokens=8)) > len("Once upon a time")
+
+
+def test_with_an_imatrix_q4_0_guards_the_first_ffn_down_layers(tmp_path, smollm2_dir):
+    """llama.cpp's plan changes with an imatrix: q4_0 (q5_0) writes the first n_layer/8 ffn_down
+    in q4_1 (q5_1); the same types, tensor for tensor, and the same bytes as llama-quantize."""
+    from llmquant.eval.llamacpp_tools import quantize_with_imatrix
+
+    model = build_tiny_model(tmp_path / "tiny16", "llama", smollm2_dir, hidden=64, intermediate=128, layers=16)
+    f32 = llmquant.quantize(model, tmp_path / "f32.gguf", type="f32", progress=False).out
+    im = compute_imatrix(model, tmp_path / "im.gguf", calibration=CalibrationConfig(samples=2, seqlen=32),
+                         progress=False).out
+    for ftype, guard in (("q4_0", "q4_1"), ("q5_0", "q5_1")):
+        ours = llmquant.quantize(model, tmp_path / f"{ftype}.gguf", type=ftype, imatrix=im, progress=False)
+        types_ = {t.name: t.type for t in ours.tensors}
+        assert [types_[f"blk.{i}.ffn_down.weight"] for i in range(3)] == [guard, guard, ftype]
+        theirs = quantize_with_imatrix(f32, tmp_path / f"lq-{ftype}.gguf", ftype, im, threads=2)
+        assert max(_types_and_bytes_equal(ours.out, theirs).values()) == 0.0
+        plain = llmquant.quantize(model, tmp_path / f"plain-{ftype}.gguf", type=ftype, progress=False)
+        assert {t.name: t.type for t in plain.tensors}["blk.0.ffn_down.weight"] == ftype
+
+
+def test_imatrix_with_a_calibrated_method_or_another_model_is_refused(case, tmp_path, smollm2_dir):
+    with pytest.raises(LlmquantError, match="use --method rtn with --imatrix"):
+        llmquant.quantize(case.model, tmp_path / "x.gguf", type="q4_0", method="gptq", imatrix=case.ours.out,
+                          progress=False)
+    other = build_tiny_model(tmp_path / "wider", "llama", smollm2_dir, hidden=128, intermediate=256)
+    with pytest.raises(LlmquantError, match="computed for another model"):
+        llmquant.quantize(other, tmp_path / "y.gguf", type="q4_0", imatrix=case.ours.out, progress=False)
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()
+
+
+def test_the_imatrix_command_writes_what_compute_imatrix_writes(case, tmp_path, capsys):
+    from llmquant.cli import main
+
+    out = tmp_path / "cli.imatrix.gguf"
+    rc = main(["imatrix", str(case.model), "--out", str(out), "--calib-samples", str(N), "--calib-seqlen", str(CTX),
+               "--process-output", "-q"])
+    assert rc == 0
+    assert out.read_bytes() == case.ours.out.read_bytes()
+    printed = capsys.readouterr().out
+    assert f"15 weights, {N} chunks of {CTX} tokens" in printed and "--imatrix" in printed
+    assert main(["imatrix", str(case.model), "--out", str(tmp_path / "x.gguf"), "--calib-samples", "0"]) == 2
+    assert "--calib-samples must be" in capsys.readouterr().err

@@ -16,9 +16,10 @@ from pathlib import Path
 from ..calibration import CalibrationConfig, calibration_tokens
 from ..errors import LlmquantError
 from ..plan import TensorPlan
-from .file import ImatrixEntry, read_imatrix, write_imatrix
+from .file import ImatrixEntry, ImatrixSource, imatrix_source, read_imatrix, write_imatrix
 
-__all__ = ["ImatrixEntry", "ImatrixReport", "compute_imatrix", "imatrix_columns", "read_imatrix", "write_imatrix"]
+__all__ = ["ImatrixEntry", "ImatrixReport", "ImatrixSource", "compute_imatrix", "imatrix_columns", "imatrix_source",
+           "read_imatrix", "write_imatrix"]
 
 
 @dataclass(frozen=True)

@@ -185,8 +185,39 @@ def _read_gguf(path: Path) -> dict[str, tuple[np.ndarray, int, bool]]:
     return out
 
 
-def _read_legacy(path: Path) -> dict[str, tuple[np.ndarray, int, bool]]:
+@dataclass(frozen=True)
+class ImatrixSource:
+    """Where an imatrix came from, as llama-quantize records it in the quantized file's metadata."""
+
+    datasets: list[str]
+    chunk_count: int  # 0 where the file does not say
+
+
+def imatrix_source(path: Path | str) -> ImatrixSource:
+    """The datasets and chunk count of an imatrix file ``read_imatrix`` accepted."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic == b"GGUF":
+        import gguf
+
+        reader = gguf.GGUFReader(path)
+        datasets = reader.get_field(KEY_DATASETS).contents()
+        return ImatrixSource(list(datasets), int(reader.get_field(KEY_CHUNK_COUNT).contents()))
     data = path.read_bytes()
+    _, pos = _legacy_entries(path, data)
+    if pos + 8 > len(data):  # llama.cpp's older files may end after the entries
+        return ImatrixSource([], 0)
+    chunks, length = struct.unpack_from("<ii", data, pos)
+    name = data[pos + 8:pos + 8 + max(length, 0)].decode(errors="replace")
+    return ImatrixSource([name] if name else [], max(chunks, 0))
+
+
+def _read_legacy(path: Path) -> dict[str, tuple[np.ndarray, int, bool]]:
+    return _legacy_entries(path, path.read_bytes())[0]
+
+
+def _legacy_entries(path: Path, data: bytes) -> tuple[dict[str, tuple[np.ndarray, int, bool]], int]:
     bad = LlmquantError(f"{path} is neither a GGUF imatrix nor a legacy .dat imatrix (or it is cut short)")
     pos = 0
 
@@ -213,4 +244,4 @@ def _read_legacy(path: Path) -> dict[str, tuple[np.ndarray, int, bool]]:
         if nval < 1:
             raise bad
         out[name] = (np.frombuffer(take(4 * nval), dtype="<f4").astype(np.float32), ncall, True)
-    return out
+    return out, pos

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..formats import BlockFormat, QuantBlocks
@@ -89,9 +90,16 @@ class Method:
         """
         return None
 
+    def use_imatrix(self, importance: dict[str, np.ndarray]) -> None:
+        """Weight the searches by an importance matrix: checkpoint name -> float32 [ci] (mean x² per column)."""
+        self._imatrix = dict(importance)
+
     def quantize(self, name: str, group: str | None, W: torch.Tensor, fmt: type[BlockFormat]) -> tuple[QuantBlocks, LinearReport]:
-        """Codes for W [co, ci] on fmt's grid, blocks in row-major order ([co * ci/32])."""
-        q = fmt.rtn(to_numpy(W.reshape(-1, fmt.block_size)))
+        """Codes for W [co, ci] on fmt's grid, blocks in row-major order ([co * ci/32]).
+
+        With an importance matrix (``use_imatrix``), llama-quantize's weighted search.
+        """
+        q = fmt.rtn_rows(to_numpy(W), self.__dict__.get("_imatrix", {}).get(name))
         return q, LinearReport(name)
 
     def rounded(self, name: str) -> torch.Tensor | None:
