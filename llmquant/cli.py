@@ -127,6 +127,43 @@ def _run_imatrix(args) -> int:
     return 0
 
 
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="a quantized file beside llama.cpp's own quantizer of the same type: KLD, "
+                                       "perplexity, top-1, size, a sample completion")
+    p.add_argument("file", type=Path, help="GGUF file written by llmquant quantize")
+    p.add_argument("--model", default=None,
+                   help="the HF model FILE was quantized from (default: the built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--against", default="llama.cpp",
+                   help="comma-separated: llama.cpp (llama-quantize, default), llama.cpp+imatrix (llama-quantize "
+                        "--imatrix with an importance matrix of the calibration windows)")
+    p.add_argument("--ctx", type=int, default=512, help="evaluation window in tokens (default 512)")
+    p.add_argument("--windows", type=int, default=8, help="held-out windows to score (default 8)")
+    p.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2)")
+    p.add_argument("--prompt", default="The capital of France is", help="prompt every file completes")
+    p.add_argument("--max-tokens", type=int, default=24, help="tokens per completion (default 24)")
+    p.add_argument("--text", type=Path, default=None, help="held-out text file (default: the built-in evaluation part)")
+    p.add_argument("--calib-samples", type=int, default=32, help="llama.cpp+imatrix: calibration windows of 512 (32)")
+    p.add_argument("--work", type=Path, default=None,
+                   help="folder for the f32 reference and llama.cpp's files, reused (default FILE.compare)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+
+
+def _run_compare(args) -> int:
+    import json
+
+    from .eval.compare import compare
+    from .text import load_text
+
+    text = None if args.text is None else load_text(args.text, None, "eval")
+    r = compare(args.file, model=args.model, against=tuple(a.strip() for a in args.against.split(",") if a.strip()),
+                ctx=args.ctx, windows=args.windows, threads=args.threads, prompt=args.prompt,
+                max_tokens=args.max_tokens, text=text, work=args.work, calib_samples=args.calib_samples,
+                progress=not args.quiet and sys.stderr.isatty())
+    print(json.dumps(r.to_dict()) if args.json else r.table())
+    return 0
+
+
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="run a GGUF file in llama.cpp and print a completion")
     p.add_argument("file", type=Path, help="GGUF file")
@@ -173,6 +210,7 @@ def _run_perplexity(args) -> int:
 COMMANDS = {
     "quantize": (_add_quantize, _run_quantize),
     "imatrix": (_add_imatrix, _run_imatrix),
+    "compare": (_add_compare, _run_compare),
     "generate": (_add_generate, _run_generate),
     "inspect": (_add_inspect, _run_inspect),
     "perplexity": (_add_perplexity, _run_perplexity),
