@@ -63,6 +63,7 @@ def quantize(
     report: str | Path | None = None,
     device: str = "auto",
     imatrix: str | Path | None = None,
+    card: bool = False,
 ) -> QuantReport:
     """Quantize a Hugging Face causal LM into a GGUF file that llama.cpp runs.
 
@@ -81,6 +82,9 @@ def quantize(
     imatrix: an importance matrix file (``llmquant imatrix`` or ``llama-imatrix``, GGUF or legacy
         .dat) for ``method="rtn"``: every search weighted by it and llama.cpp's plan with an
         imatrix, byte-identical with ``llama-quantize --imatrix``.
+    card: also write a model card beside ``out`` (``model-q4_0.gguf`` -> ``model-q4_0.md``): recipe,
+        method and options, tensors per type, bits per weight, checksum (``llmquant compare --card``
+        adds the measurements).
     """
     t0 = time.perf_counter()
     recipe = get_recipe(type)
@@ -100,8 +104,10 @@ def quantize(
     spec.check_config(config)
     check_tokenizer_files(model_dir)
     calib = calibration or CalibrationConfig()
+    from .card import card_path
+
     check_run_paths(out, model_dir, report=None if report is None else Path(report),
-                    inputs={calib.text_file: "the calibration text (--calib-text)",
+                    card=card_path(out) if card else None, inputs={calib.text_file: "the calibration text (--calib-text)",
                             None if imatrix is None else Path(imatrix): "the importance matrix (--imatrix)"})
     store = WeightStore(model_dir, spec.checkpoint_renames)
     plan = plan_tensors(spec, config, store, recipe, pure, has_imatrix=imatrix is not None)
@@ -170,12 +176,26 @@ def quantize(
         checksum=output.checksum,
         resumed_at_layer=point.layers_done if point else None,
         imatrix=None if imatrix is None else str(imatrix),
+        card=str(card_path(out)) if card else None,
         imatrix_tensors=sum(e.tensor.name in importance and e.tensor.type not in ("f32", "f16", "bf16", "q8_0")
                             for e in plan.entries),
     )
     if report is not None:
         _write_report(Path(report), summary)
+    if card:
+        _write_card(summary, settings)
     return summary
+
+
+def _write_card(result: QuantReport, settings: dict) -> None:
+    from .card import card_path, quantize_section, update_card
+
+    path = card_path(result.out)
+    title = f"{Path(result.model.removesuffix(' (default)')).name} {result.type.upper()}"
+    try:
+        update_card(path, "quantize", quantize_section(result, settings), title)
+    except OSError as exc:
+        raise LlmquantError(f"wrote {result.out}, but cannot write the model card {path}: {exc.strerror or exc}") from None
 
 
 def _write_report(path: Path, result: QuantReport) -> None:

@@ -40,6 +40,9 @@ def _add_quantize(sub) -> None:
                    help="continue an interrupted run from its work folder OUT.llmquant-work (same settings)")
     p.add_argument("--report", type=Path, default=None,
                    help="also write the full report as JSON (per-linear error vs RTN, time, method choices)")
+    p.add_argument("--card", action="store_true",
+                   help="also write a model card beside OUT (OUT without .gguf, plus .md): recipe, method, options, "
+                        "tensor types, bits per weight, checksum")
     p.add_argument("--imatrix", type=Path, default=None,
                    help="rtn: weight every search by this importance matrix (llmquant imatrix or llama-imatrix, "
                         "GGUF or .dat), as llama-quantize --imatrix does")
@@ -90,7 +93,7 @@ def _run_quantize(args) -> int:
                for k, (dest, conv) in _METHOD_FLAGS.items() if _typed(getattr(args, dest))}
     report = quantize(args.model, args.out, type=args.type, method=args.method, pure=args.pure,
                       calibration=calib, method_options=options, threads=args.threads, resume=args.resume,
-                      report=args.report, device=args.device, imatrix=args.imatrix, progress=not args.quiet and sys.stderr.isatty())  # no bar in logs and pipes
+                      report=args.report, device=args.device, imatrix=args.imatrix, card=args.card, progress=not args.quiet and sys.stderr.isatty())  # no bar in logs and pipes
     print(report.summary())
     return 0
 
@@ -146,6 +149,8 @@ def _add_compare(sub) -> None:
     p.add_argument("--work", type=Path, default=None,
                    help="folder for the f32 reference and llama.cpp's files, reused (default FILE.compare)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--card", action="store_true",
+                   help="add the table and a KLD-vs-size plot (FILE.kld.png) to FILE's model card (FILE.md)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
 
 
@@ -159,7 +164,7 @@ def _run_compare(args) -> int:
     r = compare(args.file, model=args.model, against=tuple(a.strip() for a in args.against.split(",") if a.strip()),
                 ctx=args.ctx, windows=args.windows, threads=args.threads, prompt=args.prompt,
                 max_tokens=args.max_tokens, text=text, work=args.work, calib_samples=args.calib_samples,
-                progress=not args.quiet and sys.stderr.isatty())
+                card=args.card, progress=not args.quiet and sys.stderr.isatty())
     print(json.dumps(r.to_dict()) if args.json else r.table())
     return 0
 

@@ -105,9 +105,9 @@ def _is_model_file(path: Path, model_dir: Path) -> bool:
     return any(f.is_file() and os.path.samefile(path, f) for f in model_dir.iterdir())
 
 
-def check_run_paths(out: Path, model_dir: Path, *, report: Path | None = None,
+def check_run_paths(out: Path, model_dir: Path, *, report: Path | None = None, card: Path | None = None,
                     inputs: dict[Path | None, str] | None = None) -> None:
-    """Check every path one quantize run writes: the output, its work folder and the report.
+    """Check every path one quantize run writes: the output, its work folder, the report and the card.
 
     inputs: further files the run reads ({path: what it is}, e.g. the calibration text), which
     nothing may overwrite; None paths are skipped.
@@ -120,6 +120,11 @@ def check_run_paths(out: Path, model_dir: Path, *, report: Path | None = None,
     work = work_dir_for(out)
     if _kind(work) != "a folder" and (work.exists() or work.is_symlink()):
         raise LlmquantError(f"{work} exists and is not a work folder; remove it")
+    if card is not None:
+        card = Path(card)
+        if _same_file(card, out) or (report is not None and _same_file(card, Path(report))):
+            raise LlmquantError(f"the model card {card} would overwrite --out or --report; give --out a .gguf name")
+        check_writable(card, "model card (--card)", model_dir=model_dir, inputs=read, hint=" such as model.md")
     if report is None:
         return
     report = Path(report)

@@ -45,6 +45,7 @@ class QuantReport:
     device: str = "cpu"  # where the calibrated method computed (rtn: always the CPU)
     imatrix: str | None = None  # the importance matrix file rtn's searches were weighted by
     imatrix_tensors: int = 0  # how many tensors it weighted
+    card: str | None = None  # the model card written beside the output (--card)
 
     @property
     def n_params(self) -> int:
@@ -81,6 +82,8 @@ class QuantReport:
         lines.append(f"  data    {self.checksum}")
         if self.resumed_at_layer is not None:
             lines.append(f"  resumed after layer {self.resumed_at_layer} of an interrupted run")
+        if self.card is not None:
+            lines.append(f"  card    {self.card}")
         if self.imatrix is not None:
             lines.append(f"  imatrix {self.imatrix} (weighted {self.imatrix_tensors} tensors)")
         if self.calibration_tokens:

@@ -575,6 +575,8 @@ PATH_CASES = {
                                                 "--calib-text", str(t / "calib.txt")]),
     "out-is-imatrix": PathCase(r"output .*/im\.gguf would overwrite the importance matrix \(--imatrix\)",
                                lambda m, t: ["--out", str(_file(t / "im.gguf")), "--imatrix", str(t / "im.gguf")]),
+    "card-in-model-folder": PathCase(r"model card \(--card\) .*/model/m\.md is inside the input model's folder",
+                                     lambda m, t: ["--out", str(m / "m.gguf"), "--card"]),
     "work-folder-is-a-file": PathCase(r"m\.gguf\.llmquant-work exists and is not a work folder",
                                       lambda m, t: ["--out", str(t / "m.gguf"),
                                                     "--type", "q8_0"] if _file(t / "m.gguf.llmquant-work") else []),

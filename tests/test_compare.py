@@ -75,3 +75,29 @@ def test_bad_input_is_one_line(case, capsys, tmp_path):
         assert main(["compare", *args, "-q"]) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and err.startswith("error: ") and expect in err, err
+
+
+def test_model_card_from_quantize_then_compare(case, tmp_path):
+    """quantize --card writes the recipe and checksum; compare --card adds the table and the plot;
+    quantizing again replaces its own section and keeps the measured one."""
+    out = tmp_path / "tiny-Q4_K_M.gguf"
+    calib = llmquant.CalibrationConfig(samples=4, seqlen=64)
+    rep = llmquant.quantize(case.model, out, type="Q4_K_M", method="gptq", calibration=calib, card=True,
+                            progress=False)
+    card = tmp_path / "tiny-Q4_K_M.md"
+    assert rep.card == str(card)
+    text = card.read_text()
+    assert text.startswith("# tiny Q4_K_M\n") and rep.checksum in text and "| method | gptq |" in text
+    assert "| calibration | 4 x 64 tokens" in text and "damp=0.01" in text
+    assert f"| q4_k | {sum(t.type == 'q4_k' for t in rep.tensors)} |" in text
+    r = compare(out, model=case.model, ctx=CTX, windows=1, threads=1, max_tokens=2, card=True, progress=False)
+    text = card.read_text()
+    assert "Measured against llama.cpp's own quantizer" in text and f"{r.rows[0].kld:.6f}" in text
+    png = tmp_path / "tiny-Q4_K_M.kld.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "(tiny-Q4_K_M.kld.png)" in text
+    llmquant.quantize(case.model, out, type="Q4_K_M", method="gptq", calibration=calib, card=True, progress=False)
+    def timeless(t: str) -> list[str]:
+        return [line for line in t.splitlines() if not line.startswith("| time |")]
+
+    # same settings, same bytes: the same card but for the run's time, the measured part kept
+    assert timeless(card.read_text()) == timeless(text)

@@ -112,14 +112,15 @@ def _plan_types(model_dir: Path, recipe, pure: bool, has_imatrix: bool) -> dict[
 def compare(file: str | Path, *, model: str | Path | None = None, against: tuple[str, ...] = ("llama.cpp",),
             ctx: int = 512, windows: int | None = 8, threads: int = 2, prompt: str = DEFAULT_PROMPT,
             max_tokens: int = 24, text: str | None = None, work: str | Path | None = None,
-            calib_samples: int = 32, progress: bool = True) -> CompareResult:
+            calib_samples: int = 32, card: bool = False, progress: bool = True) -> CompareResult:
     """Measure ``file`` and llama.cpp's quantization of ``model`` to the same type side by side.
 
     model: the HF model ``file`` was quantized from (default: the built-in model); its
     f32 GGUF is the reference. work: where the reference and llama.cpp's files are
     kept (default: ``FILE.compare`` beside it). text: the held-out text (default: the
     built-in evaluation part). calib_samples: windows of 512 tokens for the imatrix of
-    ``llama.cpp+imatrix``.
+    ``llama.cpp+imatrix``. card: add the table and a KLD-vs-size plot (``FILE.kld.png``)
+    to FILE's model card (``FILE.md``, see ``llmquant.card``).
     """
     import llmquant
 
@@ -140,6 +141,12 @@ def compare(file: str | Path, *, model: str | Path | None = None, against: tuple
     if windows is not None and windows < 1:
         raise LlmquantError(f"--windows must be at least 1, got {windows}")
     recipe, has_imatrix, types = file_recipe(file)
+    if card:
+        from ..card import card_path
+        from ..paths import check_writable
+
+        for path, what in ((card_path(file), "model card (--card)"), (file.with_suffix(".kld.png"), "plot")):
+            check_writable(path, what, model_dir=resolve_model(model), inputs={file: "FILE"}, hint="")
     model_dir = resolve_model(model)
     plans = {pure: _plan_types(model_dir, recipe, pure, has_imatrix) for pure in (False, True)}
     matching = [pure for pure, plan in plans.items() if plan == types]
@@ -186,6 +193,11 @@ def compare(file: str | Path, *, model: str | Path | None = None, against: tuple
         result.rows.append(CompareRow(name=file.name if name == "FILE" else name, file=path, size=r.file_size,
                                       bits_per_weight=r.bits_per_weight, ppl=r.ppl, kld=r.kld, kld_p99=r.kld_p99,
                                       top1=r.top1, quantize_seconds=secs, completion=completion))
+    if card:
+        from ..card import card_path, compare_section, plot_compare, update_card
+
+        plot = plot_compare(result, file.with_suffix(".kld.png"))
+        update_card(card_path(file), "compare", compare_section(result, plot), f"{file.stem}")
     return result
 
 
@@ -202,10 +214,14 @@ def _llama_quantize(src: Path, dst: Path, recipe, pure: bool, imatrix: Path | No
         return
     import llama_cpp
 
+    from ..quiet import quiet_fd2
+
     partial = dst.with_name(dst.name + ".partial")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread, params.pure = int(recipe.file_type), threads, pure
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(partial).encode(), params) != 0:
+    with quiet_fd2():  # llama.cpp logs every tensor on stderr
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(partial).encode(), params)
+    if rc != 0:
         partial.unlink(missing_ok=True)
         raise LlmquantError(f"llama.cpp's quantizer failed on {src}")
     os.replace(partial, dst)
