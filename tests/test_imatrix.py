@@ -194,7 +194,7 @@ def _types_and_bytes_equal(a: Path, b: Path) -> dict[str, float]:
     return _blocks_differ(a, b)
 
 
-@pytest.mark.parametrize("ftype", ["q4_0", "q5_1", "Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_S", "Q6_K"])
+@pytest.mark.parametrize("ftype", ["q4_0", "q5_1", "Q2_K", "Q4_K_M", "Q6_K"])
 def test_rtn_with_imatrix_is_llama_quantize_byte_for_byte(case, ftype):
     """``quantize --imatrix`` with llama-imatrix's own file: every tensor's type and bytes are
     llama-quantize's with that file (the head too: it has an entry), k-quants and legacy types alike."""
