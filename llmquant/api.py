@@ -177,6 +177,8 @@ def quantize(
         resumed_at_layer=point.layers_done if point else None,
         imatrix=None if imatrix is None else str(imatrix),
         card=str(card_path(out)) if card else None,
+        stages=result.stages,
+        layer_stages=result.layer_stages,
         imatrix_tensors=sum(e.tensor.name in importance and e.tensor.type not in ("f32", "f16", "bf16", "q8_0")
                             for e in plan.entries),
     )

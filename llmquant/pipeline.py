@@ -35,6 +35,7 @@ from .methods import LinearReport, Method
 from .methods.layer import Group, LayerWork
 from .plan import PlanEntry, TensorPlan
 from .policy import FLOAT_TYPES
+from .timing import StageClock
 from .workdir import ResumePoint, WorkDir
 
 # Row chunks of embeddings and heads: 4M float32 values (16 MiB) at a time.
@@ -45,6 +46,8 @@ ROW_CHUNK_ELEMENTS = 1 << 22
 class PipelineResult:
     reports: list[LinearReport] = field(default_factory=list)
     seconds_by_stage: dict[str, float] = field(default_factory=dict)
+    stages: dict[str, float] = field(default_factory=dict)  # StageClock totals of this run
+    layer_stages: list[dict] = field(default_factory=list)  # per decoder layer: {"layer": i, stage: seconds}
 
 
 def encode(spec: ArchSpec, config: dict, hf_name: str | None, planned: PlannedTensor, W: torch.Tensor,
@@ -103,21 +106,27 @@ class Pipeline:
         self.progress = progress
         self.importance = importance or {}  # GGUF name -> imatrix [ci], for what rtn writes here
         self.result = PipelineResult()
+        self.clock = StageClock()
 
     def _write(self, hf_name: str, W: torch.Tensor, q=None) -> None:
         planned = self.plan[hf_name]
-        self.output.write(planned.name, encode(self.spec, self.config, hf_name, planned, W, q,
-                                               self.importance.get(planned.name)))
+        with self.clock("write"):
+            self.output.write(planned.name, encode(self.spec, self.config, hf_name, planned, W, q,
+                                                   self.importance.get(planned.name)))
 
     def _write_entry(self, entry: PlanEntry, tokens: torch.Tensor | None = None) -> torch.Tensor | None:
         """Write one tensor outside the layers; returns the embedding rows of ``tokens`` where it gathers them."""
         if entry.values is not None:
-            self.output.write(entry.tensor.name,
-                              encode(self.spec, self.config, None, entry.tensor, torch.from_numpy(entry.values)))
+            with self.clock("write"):
+                self.output.write(entry.tensor.name,
+                                  encode(self.spec, self.config, None, entry.tensor, torch.from_numpy(entry.values)))
         elif entry.by_rows:
-            return self._stream_rows(entry.source, tokens)
+            with self.clock("write"):  # reading, encoding and writing by row chunks, interleaved
+                return self._stream_rows(entry.source, tokens)
         else:
-            self._write(entry.source, self.store.get(entry.source))
+            with self.clock("read"):
+                W = self.store.get(entry.source)
+            self._write(entry.source, W)
         return None
 
     def _stream_rows(self, hf_name: str, tokens: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -172,8 +181,10 @@ class Pipeline:
                    initial=first)
         for i in range(first, n_layers):
             entries = self.plan.layer(i)
+            before = self.clock.snapshot()
             if calibrated:
-                weights = {e.source: self.store.get(e.source) for e in entries if e.source is not None}
+                with self.clock("read"):
+                    weights = {e.source: self.store.get(e.source) for e in entries if e.source is not None}
                 codes, hidden = self._calibrated_layer(i, weights, hidden, batch_size)
                 for e in entries:
                     if e.source is None:
@@ -189,14 +200,17 @@ class Pipeline:
                         self._rtn_tensor(e.source)
             release_freed_memory()
             if work is not None:
-                self.output.sync()
-                work.save(ResumePoint(i + 1, self.output.position, self.output.n_written, hidden,
-                                      self.result.reports))
+                with self.clock("write"):
+                    self.output.sync()
+                    work.save(ResumePoint(i + 1, self.output.position, self.output.n_written, hidden,
+                                          self.result.reports))
+            self.result.layer_stages.append({"layer": i, **self.clock.since(before)})
             bar.update()
         bar.close()
         self.result.seconds_by_stage["layers"] = time.perf_counter() - t0
         for entry in self.plan.outside_layers(before=False):
             self._write_entry(entry)
+        self.result.stages = self.clock.snapshot()
         return self.result
 
     def _quantizable(self, hf_name: str) -> bool:
@@ -204,15 +218,19 @@ class Pipeline:
         return planned.type not in FLOAT_TYPES and len(planned.shape) == 2
 
     def _rtn_tensor(self, name: str) -> None:
-        W = self.store.get(name)
+        with self.clock("read"):
+            W = self.store.get(name)
         q = None
         if self._quantizable(name):
-            q, report = self.method.quantize(name, None, W, get_format(self.plan[name].type))
+            with self.clock("method"):
+                q, report = self.method.quantize(name, None, W, get_format(self.plan[name].type))
             self.result.reports.append(report)
         self._write(name, W, q)
 
     def _calibrated_layer(self, i: int, weights: dict, hidden: torch.Tensor, batch_size: int):
-        layer = self.runner.build(i, weights)
+        clock = self.clock
+        with clock("read"):
+            layer = self.runner.build(i, weights)
         prefix = self.spec.layer_prefix.format(i=i)
         formats = {}
         groups = []
@@ -224,14 +242,21 @@ class Pipeline:
                 groups.append(Group(members, self.spec.smooth_from.get(group[0])))
 
         def feed(module, observe):
-            self.runner.feed(layer, hidden, module, observe, batch_size)
+            def timed(x):
+                with clock("statistics"):
+                    observe(x)
+
+            with clock("forward"):
+                self.runner.feed(layer, hidden, module, timed, batch_size)
 
         work = LayerWork(index=i, prefix=prefix, layer=layer, inputs=hidden, kwargs=self.runner.kwargs_for(layer),
                          formats=formats, groups=groups, batch_size=batch_size, norm_shift=self.spec.norm_shift,
                          feed=feed)
-        codes = self.method.quantize_layer(work)
+        with clock("method"):
+            codes = self.method.quantize_layer(work)
         self.result.reports.extend(work.reports)
-        out = work.outputs()
+        with clock("forward"):
+            out = work.outputs()
         state = layer.state_dict()  # a method may have rewritten non-quantized tensors (norms)
         for n in weights:  # to the CPU, where encode packs them, before the layer leaves the device
             weights[n] = state[n[len(prefix):]].detach().cpu()

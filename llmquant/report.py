@@ -46,6 +46,8 @@ class QuantReport:
     imatrix: str | None = None  # the importance matrix file rtn's searches were weighted by
     imatrix_tensors: int = 0  # how many tensors it weighted
     card: str | None = None  # the model card written beside the output (--card)
+    stages: dict[str, float] = field(default_factory=dict)  # seconds by stage (llmquant.timing), this run
+    layer_stages: list[dict] = field(default_factory=list)  # the same per decoder layer
 
     @property
     def n_params(self) -> int:
@@ -79,6 +81,8 @@ class QuantReport:
             f"{self.n_params / 1e6:.1f}M parameters",
             f"  time    {self.seconds:.1f} s   peak memory {self.peak_rss_mib:.0f} MiB",
         ]
+        if self.stages:
+            lines.append("  stages  " + stage_line(self.stages))
         lines.append(f"  data    {self.checksum}")
         if self.resumed_at_layer is not None:
             lines.append(f"  resumed after layer {self.resumed_at_layer} of an interrupted run")
@@ -101,3 +105,12 @@ class QuantReport:
         notes = Counter(t.note for t in self.tensors if t.note)
         lines += [f"  note: {n} ({c} tensor{'s' if c > 1 else ''})" for n, c in notes.items()]
         return "\n".join(lines)
+
+
+def stage_line(stages: dict[str, float]) -> str:
+    """``read 0.4 s, forward 12.0 s, ...``, and the method's time as a multiple of the forward passes."""
+    parts = [f"{k} {v:.1f} s" for k, v in stages.items() if v >= 0.05]
+    if stages.get("forward", 0) > 0:
+        floor = stages["forward"] + stages.get("statistics", 0.0)
+        parts.append(f"method {stages.get('method', 0.0) / floor:.1f}x the forward passes and statistics")
+    return ", ".join(parts) or "-"

@@ -156,6 +156,19 @@ def test_our_imatrix_series_is_llama_cpps_pipeline_streamed(first_run, tmp_path)
     assert mine != tensors(rows["q4_0", "rtn"]["file"])
     assert abs(ours["kld_ratio_imatrix"] - 1) < 0.05 and ours["kld_ratio"] < 0.9
     assert tensors(rows["q8_0", OURS]["file"]) == tensors(rows["q8_0", "rtn"]["file"])  # q8_0 ignores it
+    # the two imatrices of the real model: every weight, the same token counts, values within the f16
+    # K/V cache's rounding (llama-imatrix's default)
+    import numpy as np
+
+    from llmquant.imatrix import read_imatrix
+
+    f32 = gguf.GGUFReader(rows["f32", "reference"]["file"])
+    columns = {t.name: int(t.shape[0]) for t in f32.tensors if len(t.shape) == 2}
+    mine, llama = read_imatrix(info["our_imatrix_file"], columns), read_imatrix(info["imatrix_file"], columns)
+    assert mine.keys() == llama.keys() and len(mine) == 7 * 30
+    for name in mine:
+        assert mine[name][1] == llama[name][1] == 4 * 128
+        np.testing.assert_allclose(mine[name][0], llama[name][0], rtol=5e-3, err_msg=name)
 
 
 def test_imatrix_saw_llmquants_calibration_windows(bench, first_run, smollm2_dir):
