@@ -21,7 +21,7 @@ from .options import check_calibration, check_method_options, check_value, resol
 from .paths import check_run_paths, write_atomic
 from .pipeline import Pipeline
 from .plan import plan_tensors
-from .policy import get_recipe
+from .policy import FLOAT_TYPES, get_recipe
 from .report import QuantReport, peak_rss_mib
 from .workdir import WorkDir, fingerprint
 
@@ -179,8 +179,8 @@ def quantize(
         card=str(card_path(out)) if card else None,
         stages=result.stages,
         layer_stages=result.layer_stages,
-        imatrix_tensors=sum(e.tensor.name in importance and e.tensor.type not in ("f32", "f16", "bf16", "q8_0")
-                            for e in plan.entries),
+        imatrix_tensors=sum(e.tensor.name in importance and e.tensor.type not in (*FLOAT_TYPES, "q8_0")
+                            for e in plan.entries),  # q8_0 ignores an imatrix, as in llama.cpp
     )
     if report is not None:
         _write_report(Path(report), summary)

@@ -14,6 +14,7 @@ llama.cpp's files are kept in a work folder and reused.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -96,7 +97,8 @@ def file_recipe(path: Path):
     return recipe, has_imatrix, tensors
 
 
-def _plan_types(model_dir: Path, recipe, pure: bool, has_imatrix: bool) -> dict[str, tuple[tuple[int, ...], str]]:
+def _plan_types(model_dir: Path, recipe, has_imatrix: bool) -> dict[bool, dict[str, tuple[tuple[int, ...], str]]]:
+    """The model's plan for ``recipe``, pure and not: {pure: {name: (shape, type)}}."""
     from ..export.arch import get_arch
     from ..loading.source import read_config
     from ..loading.weights import WeightStore
@@ -104,9 +106,10 @@ def _plan_types(model_dir: Path, recipe, pure: bool, has_imatrix: bool) -> dict[
 
     config = read_config(model_dir)
     spec = get_arch(config)
-    plan = plan_tensors(spec, config, WeightStore(model_dir, spec.checkpoint_renames), recipe, pure,
-                        has_imatrix=has_imatrix)
-    return {t.name: (tuple(t.shape), t.type) for t in plan.tensors}
+    store = WeightStore(model_dir, spec.checkpoint_renames)
+    return {pure: {t.name: (tuple(t.shape), t.type)
+                   for t in plan_tensors(spec, config, store, recipe, pure, has_imatrix=has_imatrix).tensors}
+            for pure in (False, True)}
 
 
 def compare(file: str | Path, *, model: str | Path | None = None, against: tuple[str, ...] = ("llama.cpp",),
@@ -141,14 +144,14 @@ def compare(file: str | Path, *, model: str | Path | None = None, against: tuple
     if windows is not None and windows < 1:
         raise LlmquantError(f"--windows must be at least 1, got {windows}")
     recipe, has_imatrix, types = file_recipe(file)
+    model_dir = resolve_model(model)
     if card:
         from ..card import card_path
         from ..paths import check_writable
 
         for path, what in ((card_path(file), "model card (--card)"), (file.with_suffix(".kld.png"), "plot")):
-            check_writable(path, what, model_dir=resolve_model(model), inputs={file: "FILE"}, hint="")
-    model_dir = resolve_model(model)
-    plans = {pure: _plan_types(model_dir, recipe, pure, has_imatrix) for pure in (False, True)}
+            check_writable(path, what, model_dir=model_dir, inputs={file: "FILE"}, hint="")
+    plans = _plan_types(model_dir, recipe, has_imatrix)
     matching = [pure for pure, plan in plans.items() if plan == types]
     if not matching:
         if {n: shape for n, (shape, _) in plans[False].items()} != {n: shape for n, (shape, _) in types.items()}:
@@ -159,8 +162,9 @@ def compare(file: str | Path, *, model: str | Path | None = None, against: tuple
     pure = matching[0]
     work = Path(work) if work is not None else file.with_name(file.name + ".compare")
     work.mkdir(parents=True, exist_ok=True)
-    say = (lambda msg: print(f"[compare] {msg}", flush=True, file=__import__("sys").stderr)) if progress \
-        else (lambda msg: None)
+    def say(msg: str) -> None:
+        if progress:
+            print(f"[compare] {msg}", flush=True, file=sys.stderr)
 
     ref = work / "reference-f32.gguf"
     if not ref.is_file():
