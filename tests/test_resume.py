@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from same_file import assert_same_file
 from tiny import build_tiny_model
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -30,12 +31,12 @@ def deep(smollm2_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(deep, tmp_path_factory) -> bytes:
+def uninterrupted(deep, tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("whole")
     proc = cli("quantize", str(deep), "--out", str(d / "m.gguf"), *ARGS, cwd=d)
     assert proc.returncode == 0, proc.stderr
     assert not (d / "m.gguf.llmquant-work").exists()  # removed after success
-    return (d / "m.gguf").read_bytes()
+    return d / "m.gguf"
 
 
 def kill_after(deep: Path, out: Path, layers: int, extra: tuple[str, ...] = (), args: list[str] = ARGS) -> dict:
@@ -75,7 +76,7 @@ def test_resume_after_kill_is_byte_identical(deep, uninterrupted, tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["resumed_at_layer"] >= left["layers_done"]
     assert len(report["linears"]) == 12 * 7  # the reports of the layers done before the kill are kept
-    assert out.read_bytes() == uninterrupted
+    assert_same_file(out, uninterrupted)
     assert report["checksum"].startswith("sha256:")
     assert not out.with_name("m.gguf.llmquant-work").exists()
 
@@ -124,7 +125,7 @@ def test_second_run_on_the_same_output_is_refused(deep, tmp_path):
 def test_resume_without_work_folder_starts_fresh(deep, uninterrupted, tmp_path):
     proc = cli("quantize", str(deep), "--out", str(tmp_path / "m.gguf"), *ARGS, "--resume", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "m.gguf").read_bytes() == uninterrupted
+    assert_same_file(tmp_path / "m.gguf", uninterrupted)
 
 
 def test_written_file_is_checked_and_checksummed(deep, tmp_path):
@@ -195,7 +196,7 @@ def test_every_method_resumes_byte_identical(method, wide, tmp_path):
     proc = cli("quantize", str(wide), "--out", str(out), *args, "--resume", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "resumed after layer" in proc.stdout
-    assert out.read_bytes() == whole.read_bytes()
+    assert_same_file(out, whole)
 
 
 def test_changed_option_is_named_with_old_and_new_value():

@@ -172,7 +172,9 @@ def test_tuning_that_hurts_keeps_the_start(tiny_llama, tmp_path):
     assert all(s["kept"] == "start" and s["layer_err_tuned"] > s["layer_err_start"] for s in seen), seen
     rtn = tmp_path / "rtn.gguf"
     quantize(tiny_llama, rtn, type="q4_0", method="rtn", progress=False)
-    assert _tensor_bytes(out) == _tensor_bytes(rtn)
+    tuned, start = _tensor_bytes(out), _tensor_bytes(rtn)
+    assert tuned.keys() == start.keys()
+    assert [name for name in tuned if tuned[name] != start[name]] == []
 
 
 def test_tune_methods_are_registered_with_their_options():
