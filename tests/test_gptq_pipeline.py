@@ -8,6 +8,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from same_file import assert_same_file
 from tiny import build_tiny_model
 
 from llmquant import CalibrationConfig, LlmquantError, quantize
@@ -69,7 +70,7 @@ def test_gptq_is_deterministic(tiny_llama, tmp_path):
     a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
     for out in (a, b):
         quantize(tiny_llama, out, type="q4_0", method="gptq", calibration=CALIB, progress=False)
-    assert a.read_bytes() == b.read_bytes()
+    assert_same_file(a, b)
 
 
 def test_rtn_bytes_do_not_depend_on_the_thread_count(smollm2_dir, tmp_path):
@@ -129,3 +130,25 @@ def test_cli_report_json_lists_each_linear_with_its_error_vs_rtn(tiny_llama, tmp
     assert data["method"] == "gptq" and data["file_size"] == out.stat().st_size
     linears = data["linears"]
     assert len(linears) == 14 and all(r["err_method"] < r["err_rtn"] and r["seconds"] > 0 for r in linears)
+
+
+def test_layer_arguments_are_captured_on_one_thread(tiny_llama):
+    """The capture computes the model's rotary cos/sin, a run's first transcendental math. Done on
+    several threads, the workers' share of that first call now and then came out less accurate, and
+    two runs (or a run and its resume) wrote different bytes: the capture runs on one thread, and
+    the thread count is restored after it."""
+    from llmquant.loading.layers import LayerRunner
+
+    config = read_config(tiny_llama)
+    runner = LayerRunner(tiny_llama, None, get_arch(config).layer_prefix)
+    seen = []
+    runner.decoder.rotary_emb.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runner.capture_kwargs(torch.randn(2, 16, config["hidden_size"]))
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    cos, sin = runner.layer_kwargs[0]["position_embeddings"]
+    assert cos.shape[:2] == (1, 16)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import LlmquantError
+from ..threads import one_thread
 from .weights import WeightStore
 
 
@@ -100,7 +101,8 @@ class LayerRunner:
         for i, rec in enumerate(recorders):
             layers[i] = rec
         try:
-            self.decoder(inputs_embeds=hidden[:1].cpu(), use_cache=False)
+            with one_thread():  # the run's first cos/sin, on this thread alone (see one_thread)
+                self.decoder(inputs_embeds=hidden[:1].cpu(), use_cache=False)
         except _StopForward:
             pass
         finally:

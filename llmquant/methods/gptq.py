@@ -38,7 +38,6 @@ returned cross to numpy (``edge``).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +46,7 @@ import torch
 from ..formats.base import BlockFormat, QuantBlocks
 from ..formats.kquant import SuperGrid
 from ..formats.torch_grid import dequantize as _dequant  # codes [..., n, g], d, m [..., n] -> weights
+from ..threads import one_thread
 from .edge import to_numpy, to_torch
 
 GROUP = 32  # block width of the legacy types, whose per-block grids the candidate search below serves
@@ -241,18 +241,6 @@ def _simulate_block(w, U, d, m, fmt) -> torch.Tensor:
     return loss
 
 
-@contextmanager
-def _one_thread():
-    """Per-column ops are tiny: intra-op threads only add barrier waits (10x slower
-    on a busy 2-core machine). The big matmuls run outside this."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 def _blocks(W: torch.Tensor, n: int = GROUP) -> torch.Tensor:
     """W [co, ci] -> [co * ci/n, n], the ggml block order (row-major)."""
     if W.shape[-1] % n:
@@ -278,7 +266,7 @@ def rtn_search(W: torch.Tensor, fmt: type[BlockFormat], hdiag: torch.Tensor | No
     co, ci = W.shape
     wb = _blocks(W.to(torch.float32).contiguous())
     hb = (torch.ones(ci, device=W.device) if hdiag is None else hdiag.to(torch.float32)).reshape(1, -1, GROUP)
-    with _one_thread():
+    with one_thread():
         d, m = search_grid(wb, hb.expand(co, -1, -1).reshape(-1, GROUP), fmt)
     return _quant_blocks(_codes(wb, d, m, fmt), d, m)
 
@@ -367,7 +355,7 @@ def _walk(W, Hinv, fmt, S, M, block_cols, col_block=None, choose=None):
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        with _one_thread():
+        with one_thread():
             for i in range(i2 - i1):
                 j = i1 + i
                 b = j // sub if col_block is None else col_block[j]
