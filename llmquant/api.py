@@ -112,11 +112,12 @@ def quantize(
     store = WeightStore(model_dir, spec.checkpoint_renames)
     plan = plan_tensors(spec, config, store, recipe, pure, has_imatrix=imatrix is not None)
     meth = method if isinstance(method, Method) else make_method(method, **(method_options or {}))
-    importance = {}
+    importance, imatrix_read = {}, None
     if imatrix is not None:
         from .imatrix import imatrix_columns, read_imatrix
 
-        importance = {name: values for name, (values, _) in read_imatrix(imatrix, imatrix_columns(plan)).items()}
+        imatrix_read = read_imatrix(imatrix, imatrix_columns(plan))
+        importance = {name: values for name, (values, _) in imatrix_read.items()}
         meth.use_imatrix({e.source: importance[e.tensor.name] for e in plan.entries
                           if e.source is not None and e.tensor.name in importance})
     tokens = runner = None
@@ -137,8 +138,8 @@ def quantize(
     try:
         with GGUFOutput(out, spec.gguf_name, tmp=work.partial) as output:
             add_metadata(output.writer, spec, config, model_dir, recipe, meth.name)
-            if imatrix is not None:
-                _add_imatrix_metadata(output.writer, Path(imatrix), len(importance))
+            if imatrix_read is not None:
+                _add_imatrix_metadata(output.writer, Path(imatrix), imatrix_read)
             output.declare(plan.tensors, None if point is None else (point.offset, point.n_written))
             pipe = Pipeline(spec=spec, config=config, store=store, plan=plan, method=meth,
                             output=output, runner=runner, progress=progress, importance=importance)
@@ -209,15 +210,13 @@ def _write_report(path: Path, result: QuantReport) -> None:
         raise LlmquantError(f"wrote {result.out}, but cannot write the report {path}: {exc.strerror or exc}") from None
 
 
-def _add_imatrix_metadata(writer, path: Path, entries: int) -> None:
+def _add_imatrix_metadata(writer, path: Path, imatrix) -> None:
     """The keys llama-quantize records for ``--imatrix`` (its values cut at 127 bytes, as it does)."""
-    from .imatrix import imatrix_source
-
-    source = imatrix_source(path)
+    source = imatrix.source
     writer.add_string("quantize.imatrix.file", str(path)[:127])
     if source.datasets:
         writer.add_string("quantize.imatrix.dataset", source.datasets[0][:127])
-    writer.add_int32("quantize.imatrix.entries_count", entries)
+    writer.add_int32("quantize.imatrix.entries_count", len(imatrix))
     if source.chunk_count > 0:
         writer.add_int32("quantize.imatrix.chunks_count", source.chunk_count)
 

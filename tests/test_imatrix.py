@@ -142,6 +142,9 @@ def test_legacy_dat_reads_back_and_quantizes(case):
     dat = read_imatrix(case.ours_dat, case.columns)
     ours = read_imatrix(case.ours.out, case.columns)
     assert dat.keys() == ours.keys()
+    # where the file came from, read in the same pass (what quantize.imatrix.* records)
+    assert dat.source.chunk_count == ours.source.chunk_count == N
+    assert dat.source.datasets == ours.source.datasets and len(ours.source.datasets) == 1
     for name in ours:
         assert dat[name][1] == N  # a .dat keeps the count in chunks
         np.testing.assert_allclose(dat[name][0], ours[name][0], rtol=1e-6, err_msg=name)

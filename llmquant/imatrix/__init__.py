@@ -16,9 +16,9 @@ from pathlib import Path
 from ..calibration import CalibrationConfig, calibration_tokens
 from ..errors import LlmquantError
 from ..plan import TensorPlan
-from .file import ImatrixEntry, ImatrixSource, imatrix_source, read_imatrix, write_imatrix
+from .file import Imatrix, ImatrixEntry, ImatrixSource, read_imatrix, write_imatrix
 
-__all__ = ["ImatrixEntry", "ImatrixReport", "ImatrixSource", "compute_imatrix", "imatrix_columns", "imatrix_source",
+__all__ = ["Imatrix", "ImatrixEntry", "ImatrixReport", "ImatrixSource", "compute_imatrix", "imatrix_columns",
            "read_imatrix", "write_imatrix"]
 
 

@@ -110,7 +110,27 @@ def _legacy_bytes(entries: dict[str, ImatrixEntry], chunk_count: int, chunk_size
     return b"".join(parts)
 
 
-def read_imatrix(path: Path | str, expected: dict[str, int]) -> dict[str, tuple[np.ndarray, int]]:
+@dataclass(frozen=True)
+class ImatrixSource:
+    """Where an imatrix came from, as llama-quantize records it in the quantized file's metadata."""
+
+    datasets: list[str]
+    chunk_count: int  # 0 where the file does not say
+
+
+class Imatrix(dict):
+    """GGUF weight name -> (importance float32 [ci], token count), and where the file came from.
+
+    A dict, so callers index it by weight; ``source`` is read in the same pass
+    (what ``quantize.imatrix.*`` records), not by opening the file again.
+    """
+
+    def __init__(self, entries: dict[str, tuple[np.ndarray, int]], source: ImatrixSource) -> None:
+        super().__init__(entries)
+        self.source = source
+
+
+def read_imatrix(path: Path | str, expected: dict[str, int]) -> Imatrix:
     """The importance llama-quantize would use, checked against the model it is meant for.
 
     expected: GGUF weight name -> its input width ci, for every weight of the model the
@@ -125,7 +145,7 @@ def read_imatrix(path: Path | str, expected: dict[str, int]) -> dict[str, tuple[
             magic = fh.read(4)
     except OSError as exc:
         raise LlmquantError(f"cannot read the imatrix {path}: {exc.strerror or exc}") from None
-    raw = _read_gguf(path) if magic == b"GGUF" else _read_legacy(path)
+    raw, source = _read_gguf(path) if magic == b"GGUF" else _read_legacy(path)
     if not raw:
         raise LlmquantError(f"imatrix {path} holds no entries")
     out = {}
@@ -143,10 +163,10 @@ def read_imatrix(path: Path | str, expected: dict[str, int]) -> dict[str, tuple[
         else:
             importance = values / np.float32(count) if count > 0 else np.ones_like(values)
         out[name] = (importance.astype(np.float32), count)
-    return out
+    return Imatrix(out, source)
 
 
-def _read_gguf(path: Path) -> dict[str, tuple[np.ndarray, int, bool]]:
+def _read_gguf(path: Path) -> tuple[dict[str, tuple[np.ndarray, int, bool]], ImatrixSource]:
     import gguf
 
     try:
@@ -182,39 +202,19 @@ def _read_gguf(path: Path) -> dict[str, tuple[np.ndarray, int, bool]]:
                                 "llmquant's architectures have one per weight: it was computed for another model")
         out[name] = (np.array(t.data, dtype=np.float32).reshape(-1), int(np.rint(np.asarray(c.data).reshape(-1)[0])),
                      False)
-    return out
+    source = ImatrixSource(list(reader.get_field(KEY_DATASETS).contents()),
+                           int(reader.get_field(KEY_CHUNK_COUNT).contents()))
+    return out, source
 
 
-@dataclass(frozen=True)
-class ImatrixSource:
-    """Where an imatrix came from, as llama-quantize records it in the quantized file's metadata."""
-
-    datasets: list[str]
-    chunk_count: int  # 0 where the file does not say
-
-
-def imatrix_source(path: Path | str) -> ImatrixSource:
-    """The datasets and chunk count of an imatrix file ``read_imatrix`` accepted."""
-    path = Path(path)
-    with open(path, "rb") as fh:
-        magic = fh.read(4)
-    if magic == b"GGUF":
-        import gguf
-
-        reader = gguf.GGUFReader(path)
-        datasets = reader.get_field(KEY_DATASETS).contents()
-        return ImatrixSource(list(datasets), int(reader.get_field(KEY_CHUNK_COUNT).contents()))
+def _read_legacy(path: Path) -> tuple[dict[str, tuple[np.ndarray, int, bool]], ImatrixSource]:
     data = path.read_bytes()
-    _, pos = _legacy_entries(path, data)
+    entries, pos = _legacy_entries(path, data)
     if pos + 8 > len(data):  # llama.cpp's older files may end after the entries
-        return ImatrixSource([], 0)
+        return entries, ImatrixSource([], 0)
     chunks, length = struct.unpack_from("<ii", data, pos)
     name = data[pos + 8:pos + 8 + max(length, 0)].decode(errors="replace")
-    return ImatrixSource([name] if name else [], max(chunks, 0))
-
-
-def _read_legacy(path: Path) -> dict[str, tuple[np.ndarray, int, bool]]:
-    return _legacy_entries(path, path.read_bytes())[0]
+    return entries, ImatrixSource([name] if name else [], max(chunks, 0))
 
 
 def _legacy_entries(path: Path, data: bytes) -> tuple[dict[str, tuple[np.ndarray, int, bool]], int]:
