@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +25,9 @@ from .plan import plan_tensors
 from .policy import FLOAT_TYPES, get_recipe
 from .report import QuantReport, peak_rss_mib
 from .workdir import WorkDir, fingerprint
+
+if TYPE_CHECKING:
+    from .imatrix import Imatrix
 
 
 def _check_settings(method: str | Method, method_options: dict | None, calibration: CalibrationConfig | None,
@@ -210,7 +214,7 @@ def _write_report(path: Path, result: QuantReport) -> None:
         raise LlmquantError(f"wrote {result.out}, but cannot write the report {path}: {exc.strerror or exc}") from None
 
 
-def _add_imatrix_metadata(writer, path: Path, imatrix) -> None:
+def _add_imatrix_metadata(writer, path: Path, imatrix: Imatrix) -> None:
     """The keys llama-quantize records for ``--imatrix`` (its values cut at 127 bytes, as it does)."""
     source = imatrix.source
     writer.add_string("quantize.imatrix.file", str(path)[:127])

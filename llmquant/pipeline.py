@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import time
 from dataclasses import dataclass, field
 
 import gguf
@@ -45,7 +44,6 @@ ROW_CHUNK_ELEMENTS = 1 << 22
 @dataclass
 class PipelineResult:
     reports: list[LinearReport] = field(default_factory=list)
-    seconds_by_stage: dict[str, float] = field(default_factory=dict)
     stages: dict[str, float] = field(default_factory=dict)  # StageClock totals of this run
     layer_stages: list[dict] = field(default_factory=list)  # per decoder layer: {"layer": i, stage: seconds}
 
@@ -161,7 +159,6 @@ class Pipeline:
         tensors are already in the partial file); work: where each layer
         boundary is recorded so that this run can be resumed in turn.
         """
-        t0 = time.perf_counter()
         calibrated = self.method.needs_calibration
         if resume is None:
             hidden = None
@@ -207,7 +204,6 @@ class Pipeline:
             self.result.layer_stages.append({"layer": i, **self.clock.since(before)})
             bar.update()
         bar.close()
-        self.result.seconds_by_stage["layers"] = time.perf_counter() - t0
         for entry in self.plan.outside_layers(before=False):
             self._write_entry(entry)
         self.result.stages = self.clock.snapshot()
