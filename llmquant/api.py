@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .calibration import CalibrationConfig, calibration_tokens
+from .calibration import CalibrationConfig, calibration_files, calibration_tokens
 from .errors import LlmquantError
 from .export.arch import get_arch
 from .export.gguf_file import GGUFOutput, ResumableError
@@ -110,8 +110,10 @@ def quantize(
     calib = calibration or CalibrationConfig()
     from .card import card_path
 
+    text_label = "the calibration text (--calib-text)" if calib.text_file else "a calibration text (--calib-source)"
     check_run_paths(out, model_dir, report=None if report is None else Path(report),
-                    card=card_path(out) if card else None, inputs={calib.text_file: "the calibration text (--calib-text)",
+                    card=card_path(out) if card else None,
+                    inputs={**{f: text_label for f in calibration_files(calib)},
                             None if imatrix is None else Path(imatrix): "the importance matrix (--imatrix)"})
     store = WeightStore(model_dir, spec.checkpoint_renames)
     plan = plan_tensors(spec, config, store, recipe, pure, has_imatrix=imatrix is not None)
@@ -128,12 +130,13 @@ def quantize(
     if meth.needs_calibration:
         from .loading.layers import LayerRunner
 
-        tokens = calibration_tokens(model_dir, calib)
+        tokens = calibration_tokens(model_dir, calib, progress=progress)
         runner = LayerRunner(model_dir, store, spec.layer_prefix, device=device)
     work = WorkDir(out)
     settings = {"type": type_, "pure": pure, "method": meth.name, "method_options": meth.settings(),
                 "calibration": dataclasses.asdict(calib) if meth.needs_calibration else None,
-                "calibration_text": _text_digest(calib.text_file) if meth.needs_calibration else None,
+                "calibration_text": ([_text_digest(f) for f in calibration_files(calib)] or None)
+                if meth.needs_calibration else None,
                 # LAPACK's Cholesky and torch's parallel sums add in an order set by the thread
                 # count, which can flip a near-tied code: calibrated bytes are reproducible per count
                 "torch_threads": torch.get_num_threads() if meth.needs_calibration else None,

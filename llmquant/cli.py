@@ -61,6 +61,10 @@ def _add_quantize(sub) -> None:
 def _add_calibration_flags(g) -> None:
     g.add_argument("--calib-text", type=Path, default=None, help="text file for calibration")
     g.add_argument("--calib-dataset", default=None, help="Hugging Face dataset name (needs hub access)")
+    g.add_argument("--calib-source", default=None,
+                   help="where calibration windows come from: builtin (default), generated (sampled from the model), "
+                        "chat (the model's replies under its chat template), file:PATH, dataset:NAME, or a weighted "
+                        "mix such as generated:0.5,builtin:0.5")
     g.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 128)")
     g.add_argument("--calib-seqlen", type=int, default=None, help="tokens per window (default 512)")
     g.add_argument("--seed", type=int, default=None, help="seed for picking windows (default 0)")
@@ -71,7 +75,8 @@ _METHOD_FLAGS = {"damp": ("damp", None), "act_order": ("act_order", None),
                  "scale_search": ("no_scale_search", lambda v: not v), "n_grid": ("awq_grid", None),
                  "steps": ("tune_steps", None), "lr": ("tune_lr", None), "tune_batch": ("tune_batch", None)}
 _CALIB_FLAGS = {"samples": "calib_samples", "seqlen": "calib_seqlen", "seed": "seed",
-                "text_file": "calib_text", "dataset": "calib_dataset"}
+                "text_file": "calib_text", "dataset": "calib_dataset",
+                "source": "calib_source"}
 
 
 def _typed(value) -> bool:

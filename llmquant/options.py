@@ -105,10 +105,13 @@ def check_calibration(method: str, needs_calibration: bool, calibration) -> None
         raise LlmquantError(f"{names} {verb} not apply to --method {method} (it uses no calibration)")
     for f in fields(calibration):
         check_value(f.name, getattr(calibration, f.name))
+    from .calibration import config_sources
+
+    config_sources(calibration)  # the source spec parses, and is not given twice
 
 
 def _calib_flag(name: str) -> str:
-    return {"text_file": "--calib-text", "dataset": "--calib-dataset"}.get(name) or flag(name)
+    return {"text_file": "--calib-text", "dataset": "--calib-dataset", "source": "--calib-source"}.get(name) or flag(name)
 
 
 DEVICES = ("auto", "cpu", "cuda")

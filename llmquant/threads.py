@@ -26,3 +26,16 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(n)
+
+
+def warm_vector_math() -> None:
+    """Make the process's first multi-threaded calls of MKL's vector math on a throwaway tensor.
+
+    Where a first call can come out less accurate on the worker threads (see
+    ``one_thread``) and the work is too long for one thread (sampling
+    calibration sequences from a model), these first calls are spent here,
+    before any result depends on them.
+    """
+    x = torch.linspace(-8, 8, 1 << 16)
+    for f in (torch.cos, torch.sin, torch.exp, torch.sigmoid, torch.tanh, torch.rsqrt):
+        f(x)

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..calibration import CalibrationConfig, calibration_tokens
+from ..calibration import CalibrationConfig, calibration_files, calibration_tokens, config_sources
 from ..errors import LlmquantError
 from ..plan import TensorPlan
 from .file import Imatrix, ImatrixEntry, ImatrixSource, read_imatrix, write_imatrix
@@ -75,18 +75,19 @@ def compute_imatrix(model: str | Path | None, out: str | Path, *, calibration: C
     config = read_config(model_dir)
     spec = get_arch(config)
     spec.check_config(config)
-    inputs = {Path(calib.text_file): "the calibration text"} if calib.text_file is not None else {}
+    inputs = {f: "a calibration text" for f in calibration_files(calib)}
     check_writable(out, "imatrix output", model_dir=model_dir, inputs=inputs, hint=" such as model.imatrix.gguf")
     store = WeightStore(model_dir, spec.checkpoint_renames)
     plan = plan_tensors(spec, config, store, get_recipe("f32"), pure=True)  # the names and shapes, not the types
-    tokens = first_token_bos(calibration_tokens(model_dir, calib), vocab_bos(model_dir))
+    tokens = first_token_bos(calibration_tokens(model_dir, calib, progress=progress), vocab_bos(model_dir))
     entries = collect_sums(model_dir, spec, config, store, plan, tokens, batch_size=calib.batch_size,
                            process_output=process_output, progress=progress)
     if not entries:
         raise LlmquantError(f"{model_dir}: no linear layer of the model ran; nothing to write")
-    dataset = Path(calib.text_file).name if calib.text_file is not None else (calib.dataset or "llmquant-default")
+    datasets = [Path(s.arg).name if s.kind == "file" else (s.arg if s.kind == "dataset" else
+                f"llmquant-{s.kind}" if s.kind != "builtin" else "llmquant-default") for s in config_sources(calib)]
     n, seqlen = tokens.shape
-    write_imatrix(out, entries, chunk_count=n, chunk_size=seqlen, datasets=[dataset], arch=spec.gguf_name,
+    write_imatrix(out, entries, chunk_count=n, chunk_size=seqlen, datasets=datasets, arch=spec.gguf_name,
                   legacy=legacy)
     return ImatrixReport(out=out, entries=len(entries), tokens=n * seqlen, chunk_count=n, chunk_size=seqlen,
                          seconds=time.perf_counter() - t0)

@@ -1,0 +1,137 @@
+"""--calib-source: sampled calibration (generated, chat), its cache, and weighted mixes of sources."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import build_tiny_model
+
+import llmquant.calibration_generate as gen
+from llmquant import quantize
+from llmquant.calibration import CalibrationConfig, calibration_tokens, parse_sources, split_counts
+from llmquant.errors import LlmquantError
+
+SEQLEN = 112  # past the chat template's system prompt and user turn
+
+
+@pytest.fixture(scope="module")
+def tiny(smollm2_dir, tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("calib-src") / "llama", "llama", smollm2_dir, hidden=64)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("LLMQUANT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _generated(tiny: Path, n: int = 5, seed: int = 0, kind: str = "generated") -> torch.Tensor:
+    return gen.generated_windows(tiny, n, SEQLEN, seed, kind=kind, batch=4)
+
+
+def test_generated_is_cached_and_reused(tiny, cache, monkeypatch):
+    first = _generated(tiny)
+    assert first.shape == (5, SEQLEN) and first.dtype == torch.long
+    files = list((cache / "calibration").glob("generated-*.safetensors"))
+    assert len(files) == 1
+    monkeypatch.setattr(gen, "_sample", lambda *a, **k: pytest.fail("sampled again although the cache holds it"))
+    assert torch.equal(_generated(tiny), first)
+
+
+def test_generated_sequences_start_at_bos_are_distinct_and_seeded(tiny, cache):
+    ids = _generated(tiny)
+    assert (ids[:, 0] == 1).all()  # the tiny config's bos_token_id
+    assert len({tuple(r.tolist()) for r in ids}) == len(ids)
+    assert (ids[:, 1:] != 2).all()  # end-of-sequence may not cut a sequence short
+    assert not torch.equal(_generated(tiny, seed=1), ids)
+    for f in (cache / "calibration").iterdir():
+        f.unlink()
+    assert torch.equal(_generated(tiny), ids)  # sampled afresh: the same tokens
+
+
+def test_generated_is_the_same_in_a_fresh_process(tiny, cache):
+    ids = _generated(tiny)
+    code = ("import sys, json, torch; torch.set_num_threads(%d); import llmquant.calibration_generate as g; "
+            "print(json.dumps(g.generated_windows(sys.argv[1], 5, %d, 0, batch=4).tolist()))"
+            % (torch.get_num_threads(), SEQLEN))
+    out = subprocess.run([sys.executable, "-c", code, str(tiny)], capture_output=True, text=True, check=True,
+                         env={"LLMQUANT_CACHE": str(cache.parent / "other-cache"), "HF_HUB_OFFLINE": "1",
+                              "PATH": "/usr/bin:/bin"})
+    assert torch.equal(torch.tensor(json.loads(out.stdout)), ids)
+
+
+def test_chat_samples_are_the_assistants_reply_under_the_models_template(tiny, cache):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    ids = _generated(tiny, n=3, kind="chat")
+    header = tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    for row in ids.tolist():
+        text = tok.decode(row)
+        assert text.startswith("<|im_start|>system\n"), text[:80]
+        user = text.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
+        prompt = tok.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
+                                         tokenize=True, return_dict=False)
+        prompt = list(prompt["input_ids"] if isinstance(prompt, dict) else prompt)
+        assert row[:len(prompt)] == prompt and prompt[-len(header):] == header
+        assert len(row) - len(prompt) > 0  # the reply itself is sampled
+
+
+def test_chat_without_a_template_and_generated_without_bos_are_refused(tiny, tmp_path, cache):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in tiny.iterdir():
+        if f.name != "chat_template.jinja":
+            (bare / f.name).symlink_to(f)
+    with pytest.raises(LlmquantError, match="has no chat template, which --calib-source chat needs"):
+        _generated(bare, kind="chat")
+    nobos = tmp_path / "nobos"
+    nobos.mkdir()
+    for f in tiny.iterdir():
+        if f.name != "tokenizer_config.json":
+            (nobos / f.name).symlink_to(f)
+    cfg = json.loads((tiny / "tokenizer_config.json").read_text())
+    cfg["bos_token"] = None
+    (nobos / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LlmquantError, match="has no BOS token to start generated calibration from"):
+        _generated(nobos)
+
+
+def test_a_mix_sums_to_the_requested_windows_in_its_parts_order(tiny, cache):
+    cfg = CalibrationConfig(samples=7, seqlen=SEQLEN, source="generated:0.5,builtin:0.5")
+    ids = calibration_tokens(tiny, cfg)
+    assert ids.shape == (7, SEQLEN)
+    assert split_counts(7, [0.5, 0.5]) == [4, 3]
+    assert torch.equal(ids[:4], gen.generated_windows(tiny, 4, SEQLEN, 0))
+    builtin = calibration_tokens(tiny, CalibrationConfig(samples=3, seqlen=SEQLEN))
+    assert torch.equal(ids[4:], builtin)
+
+
+def test_split_counts_follow_the_weights():
+    assert split_counts(10, [3, 1]) == [8, 2]  # 7.5 / 2.5: the tie goes to the earlier part
+    assert split_counts(128, [1, 1, 2]) == [32, 32, 64]
+    assert split_counts(5, [1, 1, 1]) == [2, 2, 1]
+    assert sum(split_counts(1000, [0.3, 0.01, 2.5])) == 1000
+
+
+def test_source_specs_parse_with_paths_and_weights():
+    s = parse_sources("file:/data/a:b.txt:0.25,dataset:wikitext,generated:2")
+    assert [(x.kind, x.arg, x.weight) for x in s] == [("file", "/data/a:b.txt", 0.25), ("dataset", "wikitext", 1.0),
+                                                      ("generated", None, 2.0)]
+    assert [(x.kind, x.arg) for x in parse_sources("file:notes.txt")] == [("file", "notes.txt")]
+    with pytest.raises(LlmquantError, match="builtin takes only a weight"):
+        parse_sources("builtin:abc")
+
+
+def test_a_run_on_a_mix_calibrates_on_all_its_tokens_and_its_source_decides_the_bytes(tiny, tmp_path, cache):
+    cfg = CalibrationConfig(samples=4, seqlen=SEQLEN, source="generated:0.5,builtin:0.5")
+    a = quantize(tiny, tmp_path / "mix.gguf", type="q4_0", method="gptq", calibration=cfg, progress=False)
+    assert a.calibration_tokens == 4 * SEQLEN
+    b = quantize(tiny, tmp_path / "builtin.gguf", type="q4_0", method="gptq",
+                 calibration=CalibrationConfig(samples=4, seqlen=SEQLEN), progress=False)
+    assert a.checksum != b.checksum
