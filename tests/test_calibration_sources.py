@@ -56,9 +56,9 @@ def test_generated_sequences_start_at_bos_are_distinct_and_seeded(tiny, cache):
 
 def test_generated_is_the_same_in_a_fresh_process(tiny, cache):
     ids = _generated(tiny)
-    code = ("import sys, json, torch; torch.set_num_threads(%d); import llmquant.calibration_generate as g; "
-            "print(json.dumps(g.generated_windows(sys.argv[1], 5, %d, 0, batch=4).tolist()))"
-            % (torch.get_num_threads(), SEQLEN))
+    code = (f"import sys, json, torch; torch.set_num_threads({torch.get_num_threads()}); "
+            "import llmquant.calibration_generate as g; "
+            f"print(json.dumps(g.generated_windows(sys.argv[1], 5, {SEQLEN}, 0, batch=4).tolist()))")
     out = subprocess.run([sys.executable, "-c", code, str(tiny)], capture_output=True, text=True, check=True,
                          env={"LLMQUANT_CACHE": str(cache.parent / "other-cache"), "HF_HUB_OFFLINE": "1",
                               "PATH": "/usr/bin:/bin"})
