@@ -189,3 +189,20 @@ def test_kept_tree_only_when_it_can_be_built_in(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMQUANT_CACHE", str(tmp_path / "cache"))
     assert lt.tree_tools_dir(good).parent == lt.tools_dir().parent and lt.tree_tools_dir(good) != lt.tools_dir()
     assert lt.tree_tools_dir(good) != lt.tree_tools_dir(other)
+
+
+def test_tools_the_loader_refuses_are_rebuilt_not_used(tools, tmp_path):
+    """A venv reinstalled at the same path rebuilds its tree; tools linked to the old one exit 127."""
+    from llmquant.eval import llamacpp_tools as lt
+
+    good, stale = tmp_path / "good", tmp_path / "stale"
+    for folder in (good, stale):
+        folder.mkdir()
+        for name, path in tools.items():
+            shutil.copy2(path, folder / name)
+    (stale / "llama-quantize").unlink()
+    (stale / "llama-quantize").write_text(  # what the loader does for a binary whose library is gone
+        "#!/bin/sh\necho 'llama-quantize: error while loading shared libraries: libllama.so' >&2\nexit 127\n")
+    (stale / "llama-quantize").chmod(0o755)
+    assert lt._complete(good)
+    assert not lt._complete(stale)

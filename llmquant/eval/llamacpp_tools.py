@@ -150,7 +150,32 @@ def _locked(lock: Path):
 
 
 def _complete(folder: Path) -> bool:
-    return all(_usable(folder / t) for t in TOOLS)
+    """Both tools are there and start.
+
+    Tools built in a kept tree load that tree's shared libraries by absolute
+    path; a venv reinstalled at the same path rebuilds its tree, and the
+    folder of the old tools then holds binaries the loader refuses (exit 127).
+    Such a folder is rebuilt rather than used.
+    """
+    return all(_usable(folder / t) and _starts(folder / t) for t in TOOLS)
+
+
+_STARTED: set[Path] = set()
+
+
+def _starts(path: Path) -> bool:
+    """``path --help`` gets past the dynamic loader (127: a library it links is missing)."""
+    if path in _STARTED:
+        return True
+    try:
+        code = subprocess.run([str(path), "--help"], stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=60).returncode
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    if code == 127:
+        return False
+    _STARTED.add(path)
+    return True
 
 
 def _usable(path: Path) -> bool:
