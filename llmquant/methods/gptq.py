@@ -56,6 +56,7 @@ _REFITS = 2
 _MAX_RETRIES = 4  # damping x10 per failed Cholesky
 _SEARCH_CHUNK = 256  # blocks per search batch: [K, 256, 32] stays in cache (5x faster than 4096)
 _STAT_ROWS = 512  # rows used for the error-ratio report
+_SLICES = 16  # a ci×ci matrix is reordered in row slices: the temporaries are 2/16 of it, not a full copy
 
 
 class HessianError(RuntimeError):
@@ -86,16 +87,23 @@ class HessianAccumulator:
     def __init__(self, ci: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         self.XtX = torch.zeros(ci, ci, dtype=dtype, device=device)  # on the inputs' device: no transfer per batch
         self.n = 0
+        self._scaled = False
 
     def add(self, x: torch.Tensor) -> None:
         """x: [..., ci] inputs of the linear layer (batch, tokens, features)."""
+        if self._scaled:
+            raise RuntimeError("HessianAccumulator.add after hessian(): the sum was already divided")
         self.n += accumulate_hessian(self.XtX, x.detach())
 
     def hessian(self) -> torch.Tensor:
-        """H = 2/n · Σ xᵀx  [ci, ci]."""
+        """H = 2/n · Σ xᵀx  [ci, ci], divided in place on the first call (the linears of a group
+        share it, and a second ci×ci copy is 3.3 GB at ci = 28672); later calls return the same tensor."""
         if self.n == 0:
             raise HessianError("no calibration tokens reached this layer")
-        return self.XtX * (2.0 / self.n)
+        if not self._scaled:
+            self.XtX.mul_(2.0 / self.n)
+            self._scaled = True
+        return self.XtX
 
 
 # --------------------------------------------------------------------------- grid search
@@ -290,24 +298,61 @@ class GPTQResult:
     rounded: torch.Tensor | None = None  # [co, ci] the error-updated weights the walk rounded into q
 
 
-def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + λI)⁻¹, λ = damp·mean(diag H), in float64.
+def _slices(n: int) -> list[slice]:
+    step = -(-n // _SLICES)
+    return [slice(i, i + step) for i in range(0, n, step)]
 
-    Retries with damping x10 (from 0.01 if it was 0), up to 4 times; then
-    raises HessianError.
+
+def _reversed_hessian(H0: torch.Tensor, dead: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """J·H·J in float64 [ci, ci]: H0 in visiting ``order`` [ci], reversed, dead diagonals set to 1.
+
+    Built by row chunks from H0, so the only full-size allocation is the
+    result (at Llama-70B's down_proj width, ci = 28672, one float64 copy is 6.6 GB).
     """
-    H = H.to(torch.float64)
-    eye = torch.eye(H.shape[0], dtype=torch.float64, device=H.device)
-    mean_diag = H.diagonal().mean().item()
+    n = H0.shape[0]
+    rev = order.flip(0)
+    Hr = torch.empty(n, n, dtype=torch.float64, device=H0.device)
+    for rows in _slices(n):
+        Hr[rows] = H0[rev[rows]][:, rev]
+    Hr.diagonal()[dead[rev]] = 1.0
+    return Hr
+
+
+def _inverse_cholesky(H0: torch.Tensor, dead: torch.Tensor, order: torch.Tensor, damp: float
+                      ) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor U of (H + λI)⁻¹ in visiting ``order``, λ = damp·mean(diag H): float32 [ci, ci].
+
+    With J the reversal, J(H + λI)J = L·Lᵀ gives (H + λI)⁻¹ = (J L⁻¹ J)ᵀ(J L⁻¹ J),
+    and J L⁻¹ J is upper triangular: one Cholesky and one triangular solve in
+    float64, where the factor of the inverse computed directly takes a second
+    Cholesky and a full solve. Both are done in place on column-major
+    (transposed) views, which LAPACK takes without a copy: the peak is two
+    float64 ci×ci matrices and two row slices of one. Retries with damping x10 (from 0.01 if it was 0),
+    up to 4 times; then raises HessianError.
+    """
+    n = H0.shape[0]
+    diag = H0.diagonal().to(torch.float64)
+    diag[dead] = 1.0
+    mean_diag = diag.mean().item()
+    info = torch.empty((), dtype=torch.int32, device=H0.device)
     for attempt in range(_MAX_RETRIES + 1):
         if attempt:
             damp = damp * 10 if damp > 0 else 0.01
-        L, info = torch.linalg.cholesky_ex(H + (damp * mean_diag) * eye)
-        if info.item() == 0:
-            # cholesky_solve(L, I): torch.cholesky_inverse is ~30x slower on CPU
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_solve(eye, L), upper=True)
-            if info.item() == 0 and torch.isfinite(U).all():
-                return U, damp
+        Lt = _reversed_hessian(H0, dead, order).mT  # symmetric: the column-major view is the same matrix
+        Lt.diagonal().add_(damp * mean_diag)
+        torch.linalg.cholesky_ex(Lt, out=(Lt, info))
+        if info.item() != 0:
+            continue
+        B = torch.eye(n, dtype=torch.float64, device=H0.device).mT
+        torch.linalg.solve_triangular(Lt, B, upper=False, out=B)  # B = L⁻¹
+        del Lt
+        rev = torch.arange(n - 1, -1, -1, device=H0.device)
+        U = torch.empty(n, n, dtype=torch.float32, device=H0.device)
+        for rows in _slices(n):
+            U[rows] = B[rev[rows]][:, rev]
+        del B
+        if torch.isfinite(U).all():
+            return U, damp
     raise HessianError(f"Hessian not positive definite even with damping {damp:g}")
 
 
@@ -437,13 +482,12 @@ def gptq_quantize(
     if not torch.isfinite(H).all():
         raise HessianError("Hessian has non-finite entries")
     W0 = W.detach().to(torch.float32).contiguous()
-    H0 = H.detach().to(W0.device)
-    H = H0.to(torch.float64).clone()
-    dead = H.diagonal() == 0
+    H0 = H.detach().to(W0.device)  # read only: the float64 work copy is built in visiting order, see _inverse_cholesky
+    dead = H0.diagonal() == 0
     if dead.all():
         raise HessianError("Hessian is all zero (no calibration signal for this layer)")
-    H.diagonal()[dead] = 1.0
-    hdiag = H.diagonal().to(torch.float32)
+    hdiag = H0.diagonal().to(torch.float32)
+    hdiag[dead] = 1.0
     nb = ci // sub
     two_level = gw != sub  # k-quants: a super-block's grid is chosen whole, and packed from its SuperGrid
     pieces: list[QuantBlocks] = []  # k-quants: the grid of each block column range, in walk order
@@ -461,8 +505,8 @@ def gptq_quantize(
         S = to_torch(qb.scales, W0).reshape(co, nb)
         M = None if qb.mins is None else to_torch(qb.mins, W0).reshape(co, nb)
         col_block = (perm // sub).tolist()
-        H = H[perm][:, perm]
-    Hinv, damp = _inverse_cholesky(H, damp)
+    order = torch.arange(ci, device=W0.device) if perm is None else perm
+    Hinv, damp = _inverse_cholesky(H0, dead, order, damp)
     W = W0.clone() if perm is None else W0[:, perm]
 
     def choose(w, j, U):  # w [co, gw]: block at natural column j, as the walk finds it
@@ -474,7 +518,7 @@ def gptq_quantize(
         d, m = _block_grid(w, hdiag[j : j + gw], U, fmt, scale_search, search_loss)
         return d[:, None], None if m is None else m[:, None]
 
-    Q = _walk(W, Hinv.to(torch.float32), fmt, S, M, block_cols, col_block, None if act_order else choose)
+    Q = _walk(W, Hinv, fmt, S, M, block_cols, col_block, None if act_order else choose)
     if perm is not None:
         natural = torch.argsort(perm)
         Q, W = Q[:, natural], W[:, natural]
