@@ -98,12 +98,15 @@ def _shards(shapes: list[tuple[str, tuple[int, ...]]], itemsize: int, limit: int
 
 def build_synthetic_llama(out: Path, *, hidden: int, layers: int, intermediate: int | None = None,
                           heads: int | None = None, kv_heads: int | None = None, dtype: str = "float16",
-                          shard_mib: int = 1024, tokenizer_dir: Path | None = None, seed: int = 0) -> Path:
+                          shard_mib: int = 1024, tokenizer_dir: Path | None = None, seed: int = 0,
+                          vocab: int | None = None) -> Path:
     """Write a random untied LlamaForCausalLM checkpoint to ``out`` and return ``out``.
 
     heads defaults to hidden // 64, kv_heads to heads (fewer gives GQA), intermediate to
     default_intermediate(hidden); the tokenizer is copied from ``tokenizer_dir`` (default:
-    llmquant's default model) and vocab_size follows it. Peak memory is ~CHUNK_BYTES.
+    llmquant's default model) and vocab_size follows it, or is ``vocab`` (at least the tokenizer's
+    count: the rows past it are padding ids, as real checkpoints round vocab_size up, and
+    the GGUF lists them as unused [PAD] tokens). Peak memory is ~CHUNK_BYTES.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
@@ -117,7 +120,10 @@ def build_synthetic_llama(out: Path, *, hidden: int, layers: int, intermediate: 
 
         tokenizer_dir = default_model_dir()
     out, tokenizer_dir = Path(out), Path(tokenizer_dir)
-    vocab = tokenizer_vocab(tokenizer_dir)
+    n_tokens = tokenizer_vocab(tokenizer_dir)
+    if vocab is not None and vocab < n_tokens:
+        raise ValueError(f"vocab {vocab} is smaller than the tokenizer's {n_tokens} tokens")
+    vocab = vocab or n_tokens
     src_cfg = tokenizer_dir / "config.json"
     ids = json.loads(src_cfg.read_text()) if src_cfg.is_file() else {}
     config = {
@@ -186,11 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-mib", type=int, default=1024)
     p.add_argument("--tokenizer-dir", type=Path, default=None, help="default: llmquant's default model")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab", type=int, default=None, help="embedding rows (default: the tokenizer's count)")
     a = p.parse_args(argv)
     try:
         out = build_synthetic_llama(a.out, hidden=a.hidden, layers=a.layers, intermediate=a.intermediate,
                                     heads=a.heads, kv_heads=a.kv_heads, dtype=a.dtype, shard_mib=a.shard_mib,
-                                    tokenizer_dir=a.tokenizer_dir, seed=a.seed)
+                                    tokenizer_dir=a.tokenizer_dir, seed=a.seed, vocab=a.vocab)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
