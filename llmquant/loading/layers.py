@@ -120,12 +120,17 @@ class LayerRunner:
         return self.layer_kwargs[i]
 
     def build(self, i: int, weights: dict[str, torch.Tensor]) -> nn.Module:
-        """Layer i on the compute device holding ``weights`` (full HF names -> tensors, any device)."""
+        """Layer i on the compute device holding ``weights`` (full HF names -> tensors, any device).
+
+        The layer's parameters are the weights' tensors themselves where they already
+        lie on the device (``assign``): a second copy of a Llama-70B layer is 3.4 GB
+        of float32. The caller reads the layer's state back after the method anyway.
+        """
         layer = self.decoder.layers[i]
-        layer.to_empty(device=self.device)
+        layer.to_empty(device=self.device)  # buffers, and any parameter the weights lack, get storage
         prefix = self.layer_prefix.format(i=i)
-        state = {name[len(prefix):]: t for name, t in weights.items()}
-        missing, unexpected = layer.load_state_dict(state, strict=False)
+        state = {name[len(prefix):]: t.to(self.device) for name, t in weights.items()}
+        missing, unexpected = layer.load_state_dict(state, strict=False, assign=True)
         if missing or unexpected:
             raise LlmquantError(f"layer {i}: weights do not match the model code (missing {missing[:2]}, unexpected {unexpected[:2]})")
         return layer
