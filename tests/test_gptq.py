@@ -309,13 +309,28 @@ print((status("VmHWM:") - before) / (n * n * 8))
 """
 
 
-def test_inverse_factor_peak_is_two_float64_matrices():
+def test_inverse_factor_peak_is_one_float64_matrix_and_the_result():
     """At Llama-70B's down_proj width (ci = 28672) one float64 ci×ci matrix is 6.6 GB: the factor of H⁻¹
-    must not take more than two of them at once and the reordering slices (the direct route took five).
-    Measured in a fresh process, as its high-water resident memory over what it held before."""
+    must take one of them, the float32 result and slices (the direct route took five matrices). Measured in
+    a fresh process, as its high-water resident memory over what it held before; the bound leaves room for
+    freed slices glibc keeps at this small size."""
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", PEAK, "3072"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", PEAK, "4096"], capture_output=True, text=True, check=True)
     peak = float(out.stdout.strip())
-    assert 2.0 <= peak < 2.5, peak
+    assert 1.5 <= peak < 2.2, peak
+
+
+@pytest.mark.parametrize("n", [513, 1300])
+@pytest.mark.parametrize("layout", ["row-major", "column-major"])
+def test_lower_inversion_in_place_equals_the_solve(n, layout):
+    """The recursive in-place inversion, past its base block size, equals a triangular solve against I."""
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(n + 8, n, generator=g, dtype=torch.float64)
+    L = torch.linalg.cholesky(X.T @ X + torch.eye(n, dtype=torch.float64))
+    ref = torch.linalg.solve_triangular(L, torch.eye(n, dtype=torch.float64), upper=False)
+    M = L.clone() if layout == "row-major" else L.mT.contiguous().mT
+    gptq._invert_lower_(M)
+    torch.testing.assert_close(M, ref, rtol=0, atol=1e-12 * ref.abs().max().item())
+    assert torch.equal(M.triu(1), torch.zeros_like(M))

@@ -56,6 +56,7 @@ _REFITS = 2
 _MAX_RETRIES = 4  # damping x10 per failed Cholesky
 _SEARCH_CHUNK = 256  # blocks per search batch: [K, 256, 32] stays in cache (5x faster than 4096)
 _STAT_ROWS = 512  # rows used for the error-ratio report
+_TRI_BASE = 512  # triangular blocks up to this size are inverted by one solve against the identity
 _SLICES = 16  # a ci×ci matrix is reordered in row slices: the temporaries are 2/16 of it, not a full copy
 
 
@@ -318,16 +319,39 @@ def _reversed_hessian(H0: torch.Tensor, dead: torch.Tensor, order: torch.Tensor)
     return Hr
 
 
+def _invert_lower_(L: torch.Tensor) -> None:
+    """Overwrite the lower triangular L [n, n] (any strides) with L⁻¹, in place.
+
+    [[A, 0], [C, D]]⁻¹ = [[A⁻¹, 0], [-D⁻¹·C·A⁻¹, D⁻¹]]: C is solved against A by
+    row slices and against D by column slices (rows of X·A = C, columns of
+    D·Y = X are independent), then A and D are inverted the same way. The
+    flops are LAPACK trtri's n³/3, a third of a triangular solve against the
+    identity, and the only temporaries are slices.
+    """
+    n = L.shape[0]
+    if n <= _TRI_BASE:
+        L.copy_(torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype, device=L.device), upper=False))
+        return
+    k = n // 2
+    A, C, D = L[:k, :k], L[k:, :k], L[k:, k:]
+    for rows in _slices(n - k):
+        C[rows] = torch.linalg.solve_triangular(A, C[rows], upper=False, left=False)  # C·A⁻¹
+    for cols in _slices(k):
+        C[:, cols] = torch.linalg.solve_triangular(D, C[:, cols], upper=False).neg_()  # -D⁻¹·C·A⁻¹
+    _invert_lower_(A)
+    _invert_lower_(D)
+
+
 def _inverse_cholesky(H0: torch.Tensor, dead: torch.Tensor, order: torch.Tensor, damp: float
                       ) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor U of (H + λI)⁻¹ in visiting ``order``, λ = damp·mean(diag H): float32 [ci, ci].
 
     With J the reversal, J(H + λI)J = L·Lᵀ gives (H + λI)⁻¹ = (J L⁻¹ J)ᵀ(J L⁻¹ J),
-    and J L⁻¹ J is upper triangular: one Cholesky and one triangular solve in
-    float64, where the factor of the inverse computed directly takes a second
-    Cholesky and a full solve. Both are done in place on column-major
-    (transposed) views, which LAPACK takes without a copy: the peak is two
-    float64 ci×ci matrices and two row slices of one. Retries with damping x10 (from 0.01 if it was 0),
+    and J L⁻¹ J is upper triangular: one Cholesky and one triangular inversion in
+    float64 (n³/3 each), where the factor of the inverse computed directly takes a
+    second Cholesky and two full solves. Both are done in place, the Cholesky on a
+    column-major (transposed) view, which LAPACK takes without a copy: the peak
+    is one float64 ci×ci matrix, the float32 result and a few row slices. Retries with damping x10 (from 0.01 if it was 0),
     up to 4 times; then raises HessianError.
     """
     n = H0.shape[0]
@@ -343,14 +367,12 @@ def _inverse_cholesky(H0: torch.Tensor, dead: torch.Tensor, order: torch.Tensor,
         torch.linalg.cholesky_ex(Lt, out=(Lt, info))
         if info.item() != 0:
             continue
-        B = torch.eye(n, dtype=torch.float64, device=H0.device).mT
-        torch.linalg.solve_triangular(Lt, B, upper=False, out=B)  # B = L⁻¹
-        del Lt
+        _invert_lower_(Lt)
         rev = torch.arange(n - 1, -1, -1, device=H0.device)
         U = torch.empty(n, n, dtype=torch.float32, device=H0.device)
         for rows in _slices(n):
-            U[rows] = B[rev[rows]][:, rev]
-        del B
+            U[rows] = Lt[rev[rows]][:, rev]
+        del Lt
         if torch.isfinite(U).all():
             return U, damp
     raise HessianError(f"Hessian not positive definite even with damping {damp:g}")
