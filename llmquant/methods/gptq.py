@@ -304,17 +304,19 @@ def _slices(n: int) -> list[slice]:
     return [slice(i, i + step) for i in range(0, n, step)]
 
 
-def _reversed_hessian(H0: torch.Tensor, dead: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """J·H·J in float64 [ci, ci]: H0 in visiting ``order`` [ci], reversed, dead diagonals set to 1.
-
-    Built by row chunks from H0, so the only full-size allocation is the
-    result (at Llama-70B's down_proj width, ci = 28672, one float64 copy is 6.6 GB).
-    """
-    n = H0.shape[0]
-    rev = order.flip(0)
-    Hr = torch.empty(n, n, dtype=torch.float64, device=H0.device)
+def _reorder(src: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """src[idx][:, idx] as ``dtype`` [n, n], by row slices: the only full-size allocation is the result
+    (at Llama-70B's down_proj width, ci = 28672, one float64 copy is 6.6 GB)."""
+    n = src.shape[0]
+    out = torch.empty(n, n, dtype=dtype, device=src.device)
     for rows in _slices(n):
-        Hr[rows] = H0[rev[rows]][:, rev]
+        out[rows] = src[idx[rows]][:, idx]
+    return out
+
+
+def _reversed_hessian(H0: torch.Tensor, dead: torch.Tensor, rev: torch.Tensor) -> torch.Tensor:
+    """J·H·J in float64 [ci, ci]: H0 in the reversed visiting order ``rev`` [ci], dead diagonals set to 1."""
+    Hr = _reorder(H0, rev, torch.float64)
     Hr.diagonal()[dead[rev]] = 1.0
     return Hr
 
@@ -351,10 +353,11 @@ def _inverse_cholesky(H0: torch.Tensor, dead: torch.Tensor, order: torch.Tensor,
     float64 (n³/3 each), where the factor of the inverse computed directly takes a
     second Cholesky and two full solves. Both are done in place, the Cholesky on a
     column-major (transposed) view, which LAPACK takes without a copy: the peak
-    is one float64 ci×ci matrix, the float32 result and a few row slices. Retries with damping x10 (from 0.01 if it was 0),
-    up to 4 times; then raises HessianError.
+    is one float64 ci×ci matrix, the float32 result and a few row slices.
+    Retries with damping x10 (from 0.01 if it was 0), up to 4 times; then
+    raises HessianError.
     """
-    n = H0.shape[0]
+    rev = order.flip(0)
     diag = H0.diagonal().to(torch.float64)
     diag[dead] = 1.0
     mean_diag = diag.mean().item()
@@ -362,16 +365,13 @@ def _inverse_cholesky(H0: torch.Tensor, dead: torch.Tensor, order: torch.Tensor,
     for attempt in range(_MAX_RETRIES + 1):
         if attempt:
             damp = damp * 10 if damp > 0 else 0.01
-        Lt = _reversed_hessian(H0, dead, order).mT  # symmetric: the column-major view is the same matrix
+        Lt = _reversed_hessian(H0, dead, rev).mT  # symmetric: the column-major view is the same matrix
         Lt.diagonal().add_(damp * mean_diag)
         torch.linalg.cholesky_ex(Lt, out=(Lt, info))
         if info.item() != 0:
             continue
         _invert_lower_(Lt)
-        rev = torch.arange(n - 1, -1, -1, device=H0.device)
-        U = torch.empty(n, n, dtype=torch.float32, device=H0.device)
-        for rows in _slices(n):
-            U[rows] = Lt[rev[rows]][:, rev]
+        U = _reorder(Lt, torch.arange(len(rev) - 1, -1, -1, device=H0.device), torch.float32)  # J·L⁻¹·J
         del Lt
         if torch.isfinite(U).all():
             return U, damp
