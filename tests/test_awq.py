@@ -17,7 +17,7 @@ from llmquant.generate import generate
 from llmquant.loading.source import read_config
 from llmquant.loading.weights import WeightStore
 from llmquant.methods import METHODS, make_method
-from llmquant.methods.awq import AWQGPTQMethod, AWQMethod, channel_map, fold_scales
+from llmquant.methods.awq import AWQGPTQMethod, AWQMethod, channel_map, fold_scales, scale_gram_
 
 CALIB = CalibrationConfig(samples=4, seqlen=128)
 
@@ -235,3 +235,20 @@ def test_methods_are_registered():
     assert {"awq", "awq+gptq"} <= set(METHODS)
     assert make_method("awq", n_grid=5).name == "awq"
     assert make_method("awq+gptq", damp=0.02).name == "awq+gptq"
+
+
+# --------------------------------------------------------------------------- the scaled Gram matrix
+
+
+@pytest.mark.parametrize("ci,rows", [(300, 64), (300, 2048), (129, 1)])
+def test_scaled_gram_in_place_equals_the_one_shot_division(ci, rows):
+    """Row slices give every element exactly as G / (s sᵀ) does, in G's own storage."""
+    g = torch.Generator().manual_seed(ci + rows)
+    x = torch.randn(512, ci, generator=g)
+    G = x.T @ x / 512
+    s = torch.rand(ci, generator=g) * 3 + 0.1
+    want = G / (s[:, None] * s[None, :])
+    ptr = G.data_ptr()
+    out = scale_gram_(G, s, rows=rows)
+    assert out.data_ptr() == ptr and out.dtype == torch.float32
+    assert torch.equal(out, want)

@@ -356,6 +356,18 @@ def grid_codes(W: torch.Tensor, G: torch.Tensor, fmt: type[BlockFormat], ratios=
 # --------------------------------------------------------------------------- the method
 
 
+def scale_gram_(G: torch.Tensor, s: torch.Tensor, rows: int = 2048) -> torch.Tensor:
+    """G[i, j] / (s_i · s_j) in place, G [ci, ci], s [ci]: the Gram matrix of the inputs once divided by s.
+
+    By row slices, so that neither the outer product s sᵀ nor a second Gram
+    matrix is ever whole (each is 3.3 GB in float32 at ci = 28672); every
+    element is computed as the one-shot ``G / (s[:, None] * s[None, :])`` does.
+    """
+    for r in range(0, G.shape[0], rows):
+        G[r:r + rows].div_(s[r:r + rows, None] * s[None, :])
+    return G
+
+
 @dataclass
 class _Group:
     acc: HessianAccumulator
@@ -390,7 +402,7 @@ class AWQMethod(Method, method="awq"):
         st = self._groups.get(group)
         if st is None or st.acc.n == 0:
             return None
-        G = st.acc.XtX.to(torch.float32) / st.acc.n
+        G = st.acc.XtX.to(torch.float32).div_(st.acc.n)  # in place: the sum is not needed again
         st.G = G
         Ws = {rel: layer.get_submodule(rel).weight.data.to(torch.float32) for rel in members}
         fmts = fmts or {}
@@ -429,7 +441,7 @@ class AWQMethod(Method, method="awq"):
         st.extra["s_ratio"] = float(best_s.max() / best_s.min())
         revised = fold_scales(layer, members, smooth, best_s, index, done, norm_offset)
         st.s = best_s[index]
-        st.G = G / (st.s[:, None] * st.s[None, :])
+        st.G = scale_gram_(G, st.s)
         return revised
 
     def _codes_for(self, W: torch.Tensor, st: _Group, fmt: type[BlockFormat]) -> tuple[QuantBlocks, dict, torch.Tensor | None]:
