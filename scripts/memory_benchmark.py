@@ -65,6 +65,8 @@ PRESETS = {
                     "dtype": "bfloat16"},
     "llama-3-8b": {"hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8, "vocab": 128256,
                    "dtype": "bfloat16"},
+    "llama-3.1-405b": {"hidden": 16384, "intermediate": 53248, "heads": 128, "kv_heads": 8, "vocab": 128256,
+                       "dtype": "bfloat16"},
 }
 
 
