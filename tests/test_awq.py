@@ -240,15 +240,15 @@ def test_methods_are_registered():
 # --------------------------------------------------------------------------- the scaled Gram matrix
 
 
-@pytest.mark.parametrize("ci,rows", [(300, 64), (300, 2048), (129, 1)])
-def test_scaled_gram_in_place_equals_the_one_shot_division(ci, rows):
+@pytest.mark.parametrize("ci", [300, 129, 7])  # slices of 19 (the last short), 9 (short), 1
+def test_scaled_gram_in_place_equals_the_one_shot_division(ci):
     """Row slices give every element exactly as G / (s sᵀ) does, in G's own storage."""
-    g = torch.Generator().manual_seed(ci + rows)
+    g = torch.Generator().manual_seed(ci)
     x = torch.randn(512, ci, generator=g)
     G = x.T @ x / 512
     s = torch.rand(ci, generator=g) * 3 + 0.1
     want = G / (s[:, None] * s[None, :])
     ptr = G.data_ptr()
-    out = scale_gram_(G, s, rows=rows)
+    out = scale_gram_(G, s)
     assert out.data_ptr() == ptr and out.dtype == torch.float32
     assert torch.equal(out, want)

@@ -293,6 +293,26 @@ def test_hessian_is_divided_once_in_place():
         acc.add(x)
 
 
+def test_mean_is_divided_once_in_place_and_excludes_the_hessian():
+    """AWQ's Σxᵀx/n is the sum divided in place, exactly as a one-shot division; the sum is then gone."""
+    x = torch.randn(10, 16, generator=torch.Generator().manual_seed(5))
+    acc = HessianAccumulator(16)
+    acc.add(x)
+    want = acc.XtX / 10
+    G = acc.mean()
+    assert G.data_ptr() == acc.XtX.data_ptr() and acc.mean() is G
+    assert torch.equal(G, want)
+    with pytest.raises(RuntimeError, match="after mean"):
+        acc.add(x)
+    with pytest.raises(RuntimeError, match=r"hessian\(\) after mean"):
+        acc.hessian()
+    other = HessianAccumulator(16)
+    other.add(x)
+    other.hessian()
+    with pytest.raises(RuntimeError, match=r"mean\(\) after hessian"):
+        other.mean()
+
+
 PEAK = r"""
 import sys, torch
 torch.set_num_threads(1)

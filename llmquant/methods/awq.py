@@ -97,6 +97,7 @@ from .gptq import (
     _blocks,
     _codes,
     _quant_blocks,
+    _slices,
     gptq_quantize,
     lstsq_grid,
     super_grid,
@@ -356,15 +357,15 @@ def grid_codes(W: torch.Tensor, G: torch.Tensor, fmt: type[BlockFormat], ratios=
 # --------------------------------------------------------------------------- the method
 
 
-def scale_gram_(G: torch.Tensor, s: torch.Tensor, rows: int = 2048) -> torch.Tensor:
+def scale_gram_(G: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """G[i, j] / (s_i · s_j) in place, G [ci, ci], s [ci]: the Gram matrix of the inputs once divided by s.
 
     By row slices, so that neither the outer product s sᵀ nor a second Gram
     matrix is ever whole (each is 3.3 GB in float32 at ci = 28672); every
     element is computed as the one-shot ``G / (s[:, None] * s[None, :])`` does.
     """
-    for r in range(0, G.shape[0], rows):
-        G[r:r + rows].div_(s[r:r + rows, None] * s[None, :])
+    for rows in _slices(G.shape[0]):
+        G[rows].div_(s[rows, None] * s[None, :])
     return G
 
 
@@ -402,7 +403,7 @@ class AWQMethod(Method, method="awq"):
         st = self._groups.get(group)
         if st is None or st.acc.n == 0:
             return None
-        G = st.acc.XtX.to(torch.float32).div_(st.acc.n)  # in place: the sum is not needed again
+        G = st.acc.mean().to(torch.float32)
         st.G = G
         Ws = {rel: layer.get_submodule(rel).weight.data.to(torch.float32) for rel in members}
         fmts = fmts or {}

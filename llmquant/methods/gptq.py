@@ -79,7 +79,7 @@ def accumulate_hessian(XtX: torch.Tensor, x: torch.Tensor) -> int:
 
 
 class HessianAccumulator:
-    """Sums ``XᵀX`` over calibration batches; ``hessian()`` divides once.
+    """Sums ``XᵀX`` over calibration batches; ``hessian()`` (GPTQ) or ``mean()`` (AWQ) divides once, in place.
 
     float32 is the default (halves the cost of the sum; measured accurate
     enough, see tests): pass ``dtype=torch.float64`` for more digits.
@@ -88,22 +88,31 @@ class HessianAccumulator:
     def __init__(self, ci: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         self.XtX = torch.zeros(ci, ci, dtype=dtype, device=device)  # on the inputs' device: no transfer per batch
         self.n = 0
-        self._scaled = False
+        self._scaled: str | None = None  # which division the sum went through: "hessian" or "mean"
 
     def add(self, x: torch.Tensor) -> None:
         """x: [..., ci] inputs of the linear layer (batch, tokens, features)."""
         if self._scaled:
-            raise RuntimeError("HessianAccumulator.add after hessian(): the sum was already divided")
+            raise RuntimeError(f"HessianAccumulator.add after {self._scaled}(): the sum was already divided")
         self.n += accumulate_hessian(self.XtX, x.detach())
 
     def hessian(self) -> torch.Tensor:
         """H = 2/n · Σ xᵀx  [ci, ci], divided in place on the first call (the linears of a group
         share it, and a second ci×ci copy is 3.3 GB at ci = 28672); later calls return the same tensor."""
+        return self._divided("hessian", lambda: self.XtX.mul_(2.0 / self.n))
+
+    def mean(self) -> torch.Tensor:
+        """Σ xᵀx / n  [ci, ci] (AWQ's Gram matrix), divided in place on the first call like ``hessian()``."""
+        return self._divided("mean", lambda: self.XtX.div_(self.n))
+
+    def _divided(self, kind: str, divide) -> torch.Tensor:
         if self.n == 0:
             raise HessianError("no calibration tokens reached this layer")
-        if not self._scaled:
-            self.XtX.mul_(2.0 / self.n)
-            self._scaled = True
+        if self._scaled is None:
+            divide()
+            self._scaled = kind
+        elif self._scaled != kind:
+            raise RuntimeError(f"HessianAccumulator.{kind}() after {self._scaled}(): the sum was divided otherwise")
         return self.XtX
 
 
