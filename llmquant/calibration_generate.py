@@ -17,9 +17,14 @@ content and every setting (thread count included: the batched matmuls sum in an
 order set by it, and a sampled token can flip on the last bit), so a repeated or
 resumed run reuses the very same tokens.
 
-The whole model is loaded once, in float32, on the CPU. That bounds the source
-to models that fit in memory; for a bigger one, sample text with llama.cpp from
-a q8_0 file and pass it as ``file:PATH``.
+Sampling is a whole forward pass per token, so it cannot walk the model one
+layer at a time as quantization does. The model is first written, streamed as
+every run is, to a q8_0 GGUF in a temporary folder of the cache, and llama.cpp
+samples from that file (``llamacpp_sampler.py``): it memory-maps the weights,
+which a float32 torch model of the same checkpoint would hold four times over.
+The file is deleted once the sequences are cached. q8_0's logits sit close to
+the checkpoint's, so the samples are the model's own to within that rounding
+(docs/benchmarks.md, generated calibration).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from .errors import LlmquantError
 TEMPERATURE = 1.0
 BATCH = 32  # sequences sampled at once: wider batches amortize the per-token step on a CPU
 KINDS = ("generated", "chat")
-_CACHE_VERSION = 1  # bump when the sampling changes, so old caches are not reused
+_CACHE_VERSION = 2  # bump when the sampling changes, so old caches are not reused
 
 
 def generated_windows(model_dir: Path, n: int, seqlen: int, seed: int, *, kind: str = "generated",
@@ -65,9 +70,18 @@ def cache_path(model_dir: Path, n: int, seqlen: int, seed: int, *, kind: str, ba
     files = sorted(Path(model_dir).glob("*.safetensors"))
     key = fingerprint(Path(model_dir), files, {
         "kind": kind, "n": n, "seqlen": seqlen, "seed": seed, "batch": batch, "temperature": TEMPERATURE,
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "version": _CACHE_VERSION})
+        "threads": torch.get_num_threads(), "sampler": f"llama.cpp {_llama_cpp_version()} q8_0",
+        "version": _CACHE_VERSION})
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
     return cache_root() / "calibration" / f"{kind}-{digest}.safetensors"
+
+
+def _llama_cpp_version() -> str:
+    try:
+        from llama_cpp import __version__
+    except ImportError:
+        return "absent"
+    return __version__
 
 
 def _store(path: Path, ids: torch.Tensor) -> None:
@@ -116,11 +130,15 @@ def _seed_sentences() -> list[str]:
 
 def _sample(model_dir: Path, n: int, seqlen: int, seed: int, *, kind: str, batch: int,
             progress: bool) -> torch.Tensor:
-    from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import tempfile
 
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from .api import quantize
+    from .llamacpp_sampler import sample_sequences
+    from .loading.default_model import cache_root
     from .quiet import quiet_transformers
-    from .threads import warm_vector_math
 
     with quiet_transformers():
         tok = AutoTokenizer.from_pretrained(model_dir)
@@ -128,43 +146,27 @@ def _sample(model_dir: Path, n: int, seqlen: int, seed: int, *, kind: str, batch
     if max(len(p) for p in prompts) >= seqlen:
         raise LlmquantError(f"--calib-seqlen {seqlen} leaves no room to generate after the chat template's "
                             f"{max(len(p) for p in prompts)}-token prompt; use a longer --calib-seqlen")
-    with quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
-    pad = next(t for t in (tok.pad_token_id, tok.eos_token_id, 0) if t is not None)
-    warm_vector_math()
     rows: list[torch.Tensor] = []
     seen: set[bytes] = set()
-    starts = range(0, 4 * n, batch)  # duplicates are dropped and sampled again, within reason
-    with tqdm(total=n, desc=f"{kind} calibration", unit="seq", disable=not progress, dynamic_ncols=True) as bar:
-        for b, start in enumerate(starts):
-            if len(rows) >= n:
-                break
-            chunk = [prompts[(start + j) % n] for j in range(min(batch, 4 * n - start))]
-            for row in _sample_batch(model, chunk, seqlen, pad, seed * 1_000_003 + b):
-                key = row.numpy().tobytes()
-                if key not in seen and len(rows) < n:
-                    seen.add(key)
-                    rows.append(row)
-                    bar.update(1)
+    root = cache_root() / "calibration"
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix="sampler-") as tmp:
+        gguf = Path(tmp) / "model-q8_0.gguf"
+        quantize(model_dir, gguf, type="q8_0", method="rtn", pure=True, progress=False)
+        with tqdm(total=sum(seqlen - len(p) for p in prompts), desc=f"{kind} calibration", unit="tok",
+                  disable=not progress, dynamic_ncols=True) as bar:
+            for b, start in enumerate(range(0, 4 * n, batch)):  # duplicates are dropped and sampled again, within reason
+                if len(rows) >= n:
+                    break
+                chunk = [prompts[(start + j) % n] for j in range(min(batch, 4 * n - start))]
+                ids = sample_sequences(gguf, chunk, seqlen, seed * 1_000_003 + b, temperature=TEMPERATURE,
+                                       threads=torch.get_num_threads(), on_step=bar.update)
+                for row in ids:
+                    key = row.numpy().tobytes()
+                    if key not in seen and len(rows) < n:
+                        seen.add(key)
+                        rows.append(row)
     if len(rows) < n:
         raise LlmquantError(f"the model sampled only {len(rows)} distinct calibration sequences of {n}; "
                             "use --calib-source builtin or file:PATH")
     return torch.stack(rows)
-
-
-@torch.no_grad()
-def _sample_batch(model, prompts: list[list[int]], seqlen: int, pad: int, seed: int) -> list[torch.Tensor]:
-    """One batch of prompts (left-padded), each continued to exactly ``seqlen`` tokens in all."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    new = seqlen - min(len(p) for p in prompts)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=TEMPERATURE,
-                             top_k=0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=new, min_new_tokens=new, pad_token_id=pad)
-    return [out[i, width - len(p):][:seqlen].clone() for i, p in enumerate(prompts)]

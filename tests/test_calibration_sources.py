@@ -135,3 +135,61 @@ def test_a_run_on_a_mix_calibrates_on_all_its_tokens_and_its_source_decides_the_
     b = quantize(tiny, tmp_path / "builtin.gguf", type="q4_0", method="gptq",
                  calibration=CalibrationConfig(samples=4, seqlen=SEQLEN), progress=False)
     assert a.checksum != b.checksum
+
+
+def test_gumbel_draw_follows_the_tempered_softmax():
+    from llmquant.llamacpp_sampler import gumbel_draw
+
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -30.0])
+    for temperature in (1.0, 0.5, 2.0):
+        gen = torch.Generator().manual_seed(0)
+        drawn = gumbel_draw(logits.expand(200_000, -1), temperature, gen)
+        freq = torch.bincount(drawn, minlength=5).double() / drawn.numel()
+        want = torch.softmax(logits.double() / temperature, 0)
+        assert (freq - want).abs().max() < 0.004, (temperature, freq, want)
+
+
+def test_llamacpp_samples_are_draws_from_the_hf_models_own_distribution(smollm2_dir, tmp_path):
+    """Teacher-forced through the HF model, sampled tokens cost on average what the model's entropy says.
+
+    For exact draws from p, E[-log p(x)] = H(p) at every step. A sampler that
+    mixed up sequences or positions, read the wrong logits row, or applied the
+    temperature the wrong way would sample tokens far less (or far more) likely
+    than that under the checkpoint's own distribution.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from llmquant.llamacpp_sampler import sample_sequences
+
+    gguf = tmp_path / "q8_0.gguf"
+    quantize(smollm2_dir, gguf, type="q8_0", pure=True, progress=False)
+    temperature, seqlen = 0.7, 96
+    prompts = [[1], [1, 504, 3458], [1], [1, 30, 2412, 314, 253]]
+    ids = sample_sequences(gguf, prompts, seqlen, 3, temperature=temperature, threads=2)
+    assert ids.shape == (4, seqlen)
+    for row, p in zip(ids.tolist(), prompts, strict=True):
+        assert row[:len(p)] == p
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[:, :-1].double() / temperature, -1)
+    nll, entropy = [], []
+    for i, p in enumerate(prompts):
+        steps = slice(len(p) - 1, seqlen - 1)
+        nll.append(-logp[i, steps].gather(-1, ids[i, 1:][steps, None])[:, 0])
+        entropy.append(-(logp[i, steps].exp() * logp[i, steps]).sum(-1))
+    nll, entropy = torch.cat(nll), torch.cat(entropy)
+    stderr = (nll - entropy).std() / len(nll) ** 0.5
+    assert abs(float((nll - entropy).mean())) < 4 * float(stderr), (nll.mean(), entropy.mean(), stderr)
+
+
+def test_the_sampler_refuses_a_file_llamacpp_cannot_load_and_tokens_outside_its_vocabulary(tiny, tmp_path):
+    from llmquant.llamacpp_sampler import sample_sequences
+
+    gguf = tmp_path / "tiny-q8_0.gguf"
+    quantize(tiny, gguf, type="q8_0", pure=True, progress=False)
+    with pytest.raises(LlmquantError, match="outside the .*-token vocabulary"):
+        sample_sequences(gguf, [[1, 10**6]], 8, 0, temperature=1.0, threads=1)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(gguf.read_bytes()[: gguf.stat().st_size // 2])
+    with pytest.raises(LlmquantError, match="llama.cpp cannot load .*cut.gguf to sample calibration from"):
+        sample_sequences(cut, [[1]], 8, 0, temperature=1.0, threads=1)
