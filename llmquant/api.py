@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .calibration import CalibrationConfig, calibration_files, calibration_tokens
+from .calibration import CalibrationConfig, calibration_files, calibration_tokens, source_spec
 from .errors import LlmquantError
 from .export.arch import get_arch
 from .export.gguf_file import GGUFOutput, ResumableError
@@ -134,7 +134,8 @@ def quantize(
         runner = LayerRunner(model_dir, store, spec.layer_prefix, device=device)
     work = WorkDir(out)
     settings = {"type": type_, "pure": pure, "method": meth.name, "method_options": meth.settings(),
-                "calibration": dataclasses.asdict(calib) if meth.needs_calibration else None,
+                "calibration": {**dataclasses.asdict(calib), "source": source_spec(calib)}
+                if meth.needs_calibration else None,
                 "calibration_text": ([_text_digest(f) for f in calibration_files(calib)] or None)
                 if meth.needs_calibration else None,
                 # LAPACK's Cholesky and torch's parallel sums add in an order set by the thread

@@ -12,10 +12,12 @@ all. Two kinds:
   built-in calibration text), then the assistant's sampled reply: what an
   instruct model sees and says when it is used.
 
-Sampling is seeded per batch and cached under ``<cache>/calibration`` by model
-content and every setting (thread count included: the batched matmuls sum in an
-order set by it, and a sampled token can flip on the last bit), so a repeated or
-resumed run reuses the very same tokens.
+Sampling goes in whole batches of ``batch`` sequences, each seeded by its
+index and cached on its own under ``<cache>/calibration`` by model content and
+every setting (thread count included: llama.cpp's sums split by it, and a
+sampled token can flip on the last bit). So a repeated or resumed run reuses
+the very same tokens, and 16 windows are the first 16 of 32: a run of 16 and
+a later one of 32 (the imatrix baseline of ``llmquant compare``) share a batch.
 
 Sampling is a whole forward pass per token, so it cannot walk the model one
 layer at a time as quantization does. The model is first written, streamed as
@@ -40,40 +42,53 @@ from .errors import LlmquantError
 TEMPERATURE = 1.0
 BATCH = 32  # sequences sampled at once: wider batches amortize the per-token step on a CPU
 KINDS = ("generated", "chat")
-_CACHE_VERSION = 2  # bump when the sampling changes, so old caches are not reused
+_CACHE_VERSION = 3  # bump when the sampling changes, so old caches are not reused
 
 
 def generated_windows(model_dir: Path, n: int, seqlen: int, seed: int, *, kind: str = "generated",
                       batch: int = BATCH, progress: bool = False) -> torch.Tensor:
-    """Token ids [n, seqlen] sampled from the model, read from the cache when it holds them."""
+    """Token ids [n, seqlen] sampled from the model: the first n distinct rows of batches 0, 1, ...
+
+    Duplicates are dropped and more batches sampled, up to four times the rows asked for.
+    """
     if kind not in KINDS:
         raise LlmquantError(f"unknown generated source {kind!r}; use one of {', '.join(KINDS)}")
     if n == 0:
         return torch.empty(0, seqlen, dtype=torch.long)
-    path = cache_path(model_dir, n, seqlen, seed, kind=kind, batch=batch)
-    if path.exists():
-        from safetensors.torch import load_file
+    key = _model_key(Path(model_dir), seqlen, seed, kind, batch)
+    rows: list[torch.Tensor] = []
+    seen: set[bytes] = set()
+    with _Sampler(Path(model_dir), seqlen, seed, kind, batch, progress, -(-n // batch)) as sampler:
+        for b in range(-(-4 * n // batch)):
+            if len(rows) >= n:
+                break
+            for row in sampler.batch(b, cache_path(key, b)):
+                if row.numpy().tobytes() not in seen and len(rows) < n:
+                    seen.add(row.numpy().tobytes())
+                    rows.append(row)
+    if len(rows) < n:
+        raise LlmquantError(f"the model sampled only {len(rows)} distinct calibration sequences of {n}; "
+                            "use --calib-source builtin or file:PATH")
+    return torch.stack(rows)
 
-        ids = load_file(path)["ids"]
-        if tuple(ids.shape) == (n, seqlen):
-            return ids
-    ids = _sample(model_dir, n, seqlen, seed, kind=kind, batch=batch, progress=progress)
-    _store(path, ids)
-    return ids
 
-
-def cache_path(model_dir: Path, n: int, seqlen: int, seed: int, *, kind: str, batch: int) -> Path:
-    """Where these settings' samples live: one file per (model content, settings)."""
-    from .loading.default_model import cache_root
+def _model_key(model_dir: Path, seqlen: int, seed: int, kind: str, batch: int) -> str:
+    """The model's content and every setting that decides a batch's tokens, hashed once per call."""
     from .workdir import fingerprint
 
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    key = fingerprint(Path(model_dir), files, {
-        "kind": kind, "n": n, "seqlen": seqlen, "seed": seed, "batch": batch, "temperature": TEMPERATURE,
+    files = sorted(model_dir.glob("*.safetensors"))
+    key = fingerprint(model_dir, files, {
+        "kind": kind, "seqlen": seqlen, "seed": seed, "batch": batch, "temperature": TEMPERATURE,
         "threads": torch.get_num_threads(), "sampler": f"llama.cpp {_llama_cpp_version()} q8_0",
         "version": _CACHE_VERSION})
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-    return cache_root() / "calibration" / f"{kind}-{digest}.safetensors"
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def cache_path(key: str, b: int) -> Path:
+    """Where batch ``b`` of these settings lives."""
+    from .loading.default_model import cache_root
+
+    return cache_root() / "calibration" / f"{key}-batch{b}.safetensors"
 
 
 def _llama_cpp_version() -> str:
@@ -82,6 +97,79 @@ def _llama_cpp_version() -> str:
     except ImportError:
         return "absent"
     return __version__
+
+
+class _Sampler:
+    """Batches from the cache, or sampled in llama.cpp from a q8_0 file written at the first miss.
+
+    The q8_0 file lives in a temporary folder of the cache for the sampler's
+    lifetime only: the sequences are what is kept.
+    """
+
+    def __init__(self, model_dir: Path, seqlen: int, seed: int, kind: str, batch: int, progress: bool,
+                 expected: int) -> None:
+        self.model_dir, self.seqlen, self.seed, self.kind, self.size = model_dir, seqlen, seed, kind, batch
+        self.progress, self.expected = progress, expected
+        self.tok = self.tmp = self.gguf = self.bar = None
+
+    def __enter__(self) -> _Sampler:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tmp is not None:
+            self.tmp.cleanup()
+
+    def batch(self, b: int, path: Path) -> torch.Tensor:
+        """Batch ``b``: [size, seqlen] token ids."""
+        if path.exists():
+            from safetensors.torch import load_file
+
+            ids = load_file(path)["ids"]
+            if tuple(ids.shape) == (self.size, self.seqlen):
+                return ids
+        prompts = self._prompts(b)
+        if self.gguf is None:
+            self._start(prompts)
+        from .llamacpp_sampler import sample_sequences
+
+        ids = sample_sequences(self.gguf, prompts, self.seqlen, self.seed * 1_000_003 + b, temperature=TEMPERATURE,
+                               threads=torch.get_num_threads(), on_step=self.bar.update)
+        _store(path, ids)
+        return ids
+
+    def _start(self, prompts: list[list[int]]) -> None:
+        import tempfile
+
+        from tqdm import tqdm
+
+        from .api import quantize
+        from .loading.default_model import cache_root
+
+        root = cache_root() / "calibration"
+        root.mkdir(parents=True, exist_ok=True)
+        self.tmp = tempfile.TemporaryDirectory(dir=root, prefix="sampler-")
+        self.gguf = Path(self.tmp.name) / "model-q8_0.gguf"
+        quantize(self.model_dir, self.gguf, type="q8_0", method="rtn", pure=True, progress=False)
+        per_batch = sum(self.seqlen - len(p) for p in prompts)
+        self.bar = tqdm(total=per_batch * self.expected, desc=f"{self.kind} calibration", unit="tok",
+                        disable=not self.progress, dynamic_ncols=True)
+
+    def _prompts(self, b: int) -> list[list[int]]:
+        """The start of every sequence of batch ``b``: BOS alone, or a templated user turn and the assistant's header."""
+        if self.tok is None:
+            from transformers import AutoTokenizer
+
+            from .quiet import quiet_transformers
+
+            with quiet_transformers():
+                self.tok = AutoTokenizer.from_pretrained(self.model_dir)
+        prompts = _prompts(self.tok, self.size, self.seed * 1_000_003 + b, self.kind, self.model_dir)
+        if max(len(p) for p in prompts) >= self.seqlen:
+            raise LlmquantError(f"--calib-seqlen {self.seqlen} leaves no room to generate after the chat template's "
+                                f"{max(len(p) for p in prompts)}-token prompt; use a longer --calib-seqlen")
+        return prompts
 
 
 def _store(path: Path, ids: torch.Tensor) -> None:
@@ -126,47 +214,3 @@ def _seed_sentences() -> list[str]:
         if 20 <= len(first) <= 300 and first[0].isalpha():
             out.append(first.rstrip(".") + ".")
     return out
-
-
-def _sample(model_dir: Path, n: int, seqlen: int, seed: int, *, kind: str, batch: int,
-            progress: bool) -> torch.Tensor:
-    import tempfile
-
-    from tqdm import tqdm
-    from transformers import AutoTokenizer
-
-    from .api import quantize
-    from .llamacpp_sampler import sample_sequences
-    from .loading.default_model import cache_root
-    from .quiet import quiet_transformers
-
-    with quiet_transformers():
-        tok = AutoTokenizer.from_pretrained(model_dir)
-    prompts = _prompts(tok, n, seed, kind, model_dir)
-    if max(len(p) for p in prompts) >= seqlen:
-        raise LlmquantError(f"--calib-seqlen {seqlen} leaves no room to generate after the chat template's "
-                            f"{max(len(p) for p in prompts)}-token prompt; use a longer --calib-seqlen")
-    rows: list[torch.Tensor] = []
-    seen: set[bytes] = set()
-    root = cache_root() / "calibration"
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root, prefix="sampler-") as tmp:
-        gguf = Path(tmp) / "model-q8_0.gguf"
-        quantize(model_dir, gguf, type="q8_0", method="rtn", pure=True, progress=False)
-        with tqdm(total=sum(seqlen - len(p) for p in prompts), desc=f"{kind} calibration", unit="tok",
-                  disable=not progress, dynamic_ncols=True) as bar:
-            for b, start in enumerate(range(0, 4 * n, batch)):  # duplicates are dropped and sampled again, within reason
-                if len(rows) >= n:
-                    break
-                chunk = [prompts[(start + j) % n] for j in range(min(batch, 4 * n - start))]
-                ids = sample_sequences(gguf, chunk, seqlen, seed * 1_000_003 + b, temperature=TEMPERATURE,
-                                       threads=torch.get_num_threads(), on_step=bar.update)
-                for row in ids:
-                    key = row.numpy().tobytes()
-                    if key not in seen and len(rows) < n:
-                        seen.add(key)
-                        rows.append(row)
-    if len(rows) < n:
-        raise LlmquantError(f"the model sampled only {len(rows)} distinct calibration sequences of {n}; "
-                            "use --calib-source builtin or file:PATH")
-    return torch.stack(rows)

@@ -68,8 +68,9 @@ def quantize_section(report, settings: dict) -> str:
         lines.append("| method options | " + ", ".join(f"{k}={v}" for k, v in sorted(options.items())) + " |")
     calib = settings.get("calibration")
     if calib:
-        src = calib.get("text_file") or calib.get("dataset") or "built-in calibration text"
-        lines.append(f"| calibration | {calib['samples']} x {calib['seqlen']} tokens of {src}, seed {calib['seed']} |")
+        src = calib.get("source") or calib.get("text_file") or calib.get("dataset") or "builtin"
+        lines.append(f"| calibration | {calib['samples']} x {calib['seqlen']} tokens from `{src}` (--calib-source), "
+                     f"seed {calib['seed']} |")
     if report.imatrix:
         lines.append(f"| importance matrix | `{Path(report.imatrix).name}` (llama-quantize's weighted searches) |")
     lines += [

@@ -62,7 +62,8 @@ def _add_calibration_flags(g) -> None:
     g.add_argument("--calib-text", type=Path, default=None, help="text file for calibration")
     g.add_argument("--calib-dataset", default=None, help="Hugging Face dataset name (needs hub access)")
     g.add_argument("--calib-source", default=None,
-                   help="where calibration windows come from: builtin (default), generated (sampled from the model), "
+                   help="where calibration windows come from: generated (default: sampled from the model in llama.cpp), "
+                        "builtin (the built-in text), "
                         "chat (the model's replies under its chat template), file:PATH, dataset:NAME, or a weighted "
                         "mix such as generated:0.5,builtin:0.5")
     g.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 128)")

@@ -18,7 +18,8 @@ sequence runs to its full length.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,13 +42,26 @@ def gumbel_draw(logits: torch.Tensor, temperature: float, gen: torch.Generator) 
 
 
 @contextmanager
+def _silent() -> Iterator[None]:
+    """No llama.cpp log lines: they reach fd 2 directly or through llama-cpp-python's logger (sys.stderr)."""
+    log = logging.getLogger("llama-cpp-python")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        with quiet_fd2():
+            yield
+    finally:
+        log.setLevel(level)
+
+
+@contextmanager
 def _llama(path: Path, n_seq: int, seqlen: int, n_batch: int, threads: int):
     """A llama.cpp model and a context with one KV sequence of ``seqlen`` cells per sampled sequence."""
     try:
         import llama_cpp as lc
     except ImportError:
         raise LlmquantError("generated calibration samples with llama.cpp: pip install 'llmquant[llama]'") from None
-    with quiet_fd2():
+    with _silent():
         lc.llama_backend_init()
         model = lc.llama_model_load_from_file(str(path).encode(), lc.llama_model_default_params())
         if not model:
@@ -61,13 +75,13 @@ def _llama(path: Path, n_seq: int, seqlen: int, n_batch: int, threads: int):
         ctx = lc.llama_init_from_model(model, params)
     if not ctx:
         lc.llama_model_free(model)
-        raise LlmquantError(f"llama.cpp cannot make a context of {n_seq} x {seqlen} tokens for {path}; "
-                            "use a smaller --calib-seqlen")
+        raise LlmquantError(f"llama.cpp cannot make a context of {n_seq} x {seqlen} tokens for {path} (out of "
+                            "memory?); use a smaller --calib-seqlen or --calib-source builtin")
     batch = lc.llama_batch_init(n_batch, 0, 1)
     try:
         yield lc, model, ctx, batch
     finally:
-        with quiet_fd2():
+        with _silent():
             lc.llama_batch_free(batch)
             lc.llama_free(ctx)
             lc.llama_model_free(model)

@@ -42,6 +42,10 @@ LLAMA_CPP = "llama.cpp"
 LLAMA_CPP_IMATRIX = "llama.cpp+imatrix"  # llama-imatrix, then llama-quantize --imatrix
 OURS_IMATRIX = "rtn+imatrix"  # llmquant imatrix, then llmquant quantize --imatrix (the drop-in replacement)
 REFERENCE = "reference"  # the f32 file's "method"
+# Calibration is the built-in text, not the library's default (sampled sequences): llama-imatrix
+# reads text, and only text re-tokenizes to the very windows llmquant's methods saw (sampled token
+# ids need not). scripts/calib_transfer.py compares the sources, llmquant's imatrix standing in.
+SOURCE = "builtin"
 KEY_FIELDS = ("type", "method", "model", "ctx", "windows", "calib")
 
 # Runs in a fresh interpreter: argv[1] is a JSON job; prints one JSON line {seconds, peak_mib}.
@@ -157,7 +161,7 @@ def plan_rows(args: argparse.Namespace, needs: dict[str, bool]) -> list[dict]:
     model = args.model or "default"
     slug = Path(model).name or "model"
     base = {"model": model, "ctx": args.ctx, "windows": args.windows}
-    calib = {"samples": args.calib_samples, "seqlen": args.calib_seqlen}
+    calib = {"samples": args.calib_samples, "seqlen": args.calib_seqlen, "source": SOURCE}
     f32 = args.out_dir / f"{slug}-f32.gguf"
     ctag = f"-c{calib['samples']}x{calib['seqlen']}"
     rows = [{**base, "type": "f32", "method": REFERENCE, "calib": None, "file": str(f32),
@@ -209,7 +213,8 @@ def ensure_our_imatrix(args: argparse.Namespace, info: dict) -> Path:
           file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     r = compute_imatrix(args.model, out, calibration=CalibrationConfig(samples=args.calib_samples,
-                                                                       seqlen=args.calib_seqlen), progress=False)
+                                                                       seqlen=args.calib_seqlen, source=SOURCE),
+                        progress=False)
     meta = {"our_imatrix_file": str(out), "our_imatrix_chunks": r.chunk_count,
             "our_imatrix_seconds": time.perf_counter() - t0}
     meta_file.write_text(json.dumps(meta, indent=1))
@@ -220,7 +225,7 @@ def ensure_our_imatrix(args: argparse.Namespace, info: dict) -> Path:
 def write_calibration_text(args: argparse.Namespace, path: Path) -> int:
     """The exact token windows llmquant's calibrated methods use, as text; returns their count.
 
-    ``calibration_tokens`` with the benchmark's samples x seqlen (default text,
+    ``calibration_tokens`` with the benchmark's samples x seqlen (the built-in text,
     seed 0) gives the windows; each is decoded and they are written back to
     back, so llama-imatrix's consecutive chunks of seqlen tokens are those
     windows (llama.cpp re-tokenizes the text to exactly these tokens on SmolLM2:
@@ -237,7 +242,7 @@ def write_calibration_text(args: argparse.Namespace, path: Path) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "only N windows": llmquant's methods use the same N
         windows = calibration_tokens(model_dir, CalibrationConfig(samples=args.calib_samples,
-                                                                  seqlen=args.calib_seqlen))
+                                                                  seqlen=args.calib_seqlen, source=SOURCE))
     tok = AutoTokenizer.from_pretrained(model_dir)
     parts = [tok.decode(w, clean_up_tokenization_spaces=False) for w in windows.tolist()]
     parts.append(parts[0])  # padding only

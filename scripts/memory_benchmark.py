@@ -153,7 +153,8 @@ def measure(args: argparse.Namespace, model: Path, method: str, baseline: float)
     """Quantize ``model`` with ``method`` in a child; the output file is deleted afterwards."""
     from llmquant.methods import make_method
 
-    calib = {"samples": args.calib_samples, "seqlen": args.calib_seqlen} if make_method(method).needs_calibration else None
+    calib = ({"samples": args.calib_samples, "seqlen": args.calib_seqlen, "source": "builtin"}  # the layer walk, not sampling
+             if make_method(method).needs_calibration else None)
     out = args.work_dir / "gguf" / f"{model.name}-{args.type}-{method}.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
     log(f"quantizing {model.name} with {method}")

@@ -179,7 +179,7 @@ def test_imatrix_saw_llmquants_calibration_windows(bench, first_run, smollm2_dir
 
     out_dir, _ = first_run
     info = json.loads((out_dir / "results.json").read_text())["run"]
-    windows = calibration_tokens(smollm2_dir, CalibrationConfig(samples=4, seqlen=128))
+    windows = calibration_tokens(smollm2_dir, CalibrationConfig(samples=4, seqlen=128, source="builtin"))
     text = Path(info["imatrix_text"]).read_text(encoding="utf-8")
     f32 = next(r["file"] for r in json.loads((out_dir / "results.json").read_text())["rows"]
                if r["method"] == "reference")

@@ -35,12 +35,25 @@ def _generated(tiny: Path, n: int = 5, seed: int = 0, kind: str = "generated") -
 
 
 def test_generated_is_cached_and_reused(tiny, cache, monkeypatch):
+    import llmquant.llamacpp_sampler as sampler
+
     first = _generated(tiny)
     assert first.shape == (5, SEQLEN) and first.dtype == torch.long
-    files = list((cache / "calibration").glob("generated-*.safetensors"))
-    assert len(files) == 1
-    monkeypatch.setattr(gen, "_sample", lambda *a, **k: pytest.fail("sampled again although the cache holds it"))
+    files = sorted((cache / "calibration").iterdir())
+    assert [f.name.rsplit("-", 1)[1] for f in files] == ["batch0.safetensors", "batch1.safetensors"]  # 5 rows of 4
+    monkeypatch.setattr(sampler, "sample_sequences", lambda *a, **k: pytest.fail("sampled again from the cache"))
     assert torch.equal(_generated(tiny), first)
+
+
+def test_fewer_windows_are_the_first_of_more_and_share_their_batches(tiny, cache, monkeypatch):
+    import llmquant.llamacpp_sampler as sampler
+
+    three = _generated(tiny, n=3)
+    real, calls = sampler.sample_sequences, []
+    monkeypatch.setattr(sampler, "sample_sequences", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    six = _generated(tiny, n=6)
+    assert torch.equal(six[:3], three)
+    assert calls == [0 * 1_000_003 + 1]  # seed 0: batch 0 came from the cache, only batch 1 (seeded 1) was sampled
 
 
 def test_generated_sequences_start_at_bos_are_distinct_and_seeded(tiny, cache):
@@ -108,8 +121,19 @@ def test_a_mix_sums_to_the_requested_windows_in_its_parts_order(tiny, cache):
     assert ids.shape == (7, SEQLEN)
     assert split_counts(7, [0.5, 0.5]) == [4, 3]
     assert torch.equal(ids[:4], gen.generated_windows(tiny, 4, SEQLEN, 0))
-    builtin = calibration_tokens(tiny, CalibrationConfig(samples=3, seqlen=SEQLEN))
+    builtin = calibration_tokens(tiny, CalibrationConfig(samples=3, seqlen=SEQLEN, source="builtin"))
     assert torch.equal(ids[4:], builtin)
+
+
+def test_the_default_source_is_generated_and_spelled_the_same_however_given(tiny, cache):
+    from llmquant.calibration import source_spec
+
+    default = CalibrationConfig(samples=3, seqlen=SEQLEN)
+    assert torch.equal(calibration_tokens(tiny, default), gen.generated_windows(tiny, 3, SEQLEN, 0))
+    assert source_spec(default) == source_spec(CalibrationConfig(source="generated")) == "generated:1"
+    assert source_spec(CalibrationConfig(text_file=Path("a.txt"))) == "file:a.txt:1"
+    with pytest.raises(LlmquantError, match="pass either --calib-text or --calib-source, not both"):
+        source_spec(CalibrationConfig(text_file=Path("a.txt"), source="generated"))
 
 
 def test_split_counts_follow_the_weights():
@@ -133,7 +157,7 @@ def test_a_run_on_a_mix_calibrates_on_all_its_tokens_and_its_source_decides_the_
     a = quantize(tiny, tmp_path / "mix.gguf", type="q4_0", method="gptq", calibration=cfg, progress=False)
     assert a.calibration_tokens == 4 * SEQLEN
     b = quantize(tiny, tmp_path / "builtin.gguf", type="q4_0", method="gptq",
-                 calibration=CalibrationConfig(samples=4, seqlen=SEQLEN), progress=False)
+                 calibration=CalibrationConfig(samples=4, seqlen=SEQLEN, source="builtin"), progress=False)
     assert a.checksum != b.checksum
 
 

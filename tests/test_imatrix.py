@@ -56,7 +56,7 @@ def case(tmp_path_factory, smollm2_dir):
                     "--no-ppl", "--process-output", "-fa", "off", "-ctk", "f32", "-ctv", "f32"],
                    cwd=d, check=True, capture_output=True, stdin=subprocess.DEVNULL)
     default = lt.compute_imatrix(f32, text, d / "theirs-default.gguf", ctx=CTX, chunks=N, threads=2)
-    calib = CalibrationConfig(samples=N, seqlen=CTX)
+    calib = CalibrationConfig(samples=N, seqlen=CTX, source="builtin")  # the benchmark's text, as llama-imatrix reads it
     ours = compute_imatrix(model, d / "ours.gguf", calibration=calib, process_output=True, progress=False)
     ours_dat = compute_imatrix(model, d / "ours.dat", calibration=calib, process_output=True, legacy=True,
                                progress=False)
@@ -184,8 +184,8 @@ def test_broken_or_mismatched_files_are_refused_in_one_line(case, tmp_path):
 
 def test_without_process_output_the_head_is_left_to_llama_quantize(case, tmp_path):
     """llama-imatrix's default: decoder weights only; llama-quantize then quantizes the head plainly."""
-    ours = compute_imatrix(case.model, tmp_path / "no-head.gguf", calibration=CalibrationConfig(samples=N, seqlen=CTX),
-                           progress=False)
+    calib = CalibrationConfig(samples=N, seqlen=CTX, source="builtin")
+    ours = compute_imatrix(case.model, tmp_path / "no-head.gguf", calibration=calib, progress=False)
     read = read_imatrix(ours.out, case.columns)
     assert "output.weight" not in read and len(read) == 2 * 7
     assert read.keys() == read_imatrix(case.default, case.columns).keys()
@@ -266,7 +266,7 @@ def test_the_imatrix_command_writes_what_compute_imatrix_writes(case, tmp_path, 
 
     out = tmp_path / "cli.imatrix.gguf"
     rc = main(["imatrix", str(case.model), "--out", str(out), "--calib-samples", str(N), "--calib-seqlen", str(CTX),
-               "--process-output", "-q"])
+               "--calib-source", "builtin", "--process-output", "-q"])
     assert rc == 0
     assert_same_file(out, case.ours.out)
     printed = capsys.readouterr().out

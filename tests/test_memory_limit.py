@@ -67,7 +67,8 @@ def test_model_twice_the_memory_limit(big_model, tmp_path):
 def test_too_little_memory_is_a_clear_error(big_model, tmp_path):
     """GPTQ's calibration activations alone (120 x 512 tokens x 1024 x fp32: 240 MiB, twice) exceed the
     limit: the run stops with one line and leaves no output."""
-    proc = quantize_limited(big_model, tmp_path / "x.gguf", LIMIT_MIB, "--method", "gptq", "--calib-samples", "120")
+    proc = quantize_limited(big_model, tmp_path / "x.gguf", LIMIT_MIB, "--method", "gptq", "--calib-samples", "120",
+                            "--calib-source", "builtin")
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
     assert lines[0].startswith("error: out of memory"), lines[0]
