@@ -354,3 +354,22 @@ def test_lower_inversion_in_place_equals_the_solve(n, layout):
     gptq._invert_lower_(M)
     torch.testing.assert_close(M, ref, rtol=0, atol=1e-12 * ref.abs().max().item())
     assert torch.equal(M.triu(1), torch.zeros_like(M))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("name", ["q4_0", "q5_1", "q4_K", "q6_K"])
+def test_h_scale_is_bitwise_the_scaled_hessian(layer, name, act_order):
+    """AWQ's H = 2·G, doubled inside GPTQ's float64 copy, writes the bytes that a float32 2·G wrote,
+    dead columns (whose diagonal is set to 1, not scaled) included. A small scale (2⁻¹⁰), where that
+    1 outweighs every live diagonal, shows the scale is applied, not dropped."""
+    W, _, H = layer
+    G = H / 2
+    G[:, 7] = G[7, :] = 0.0  # a dead column
+    fmt = get_format(name)
+    for scale in (2.0, 2.0**-10):
+        a = gptq_quantize(W, scale * G, fmt, act_order=act_order)
+        b = gptq_quantize(W, G, fmt, act_order=act_order, h_scale=scale)
+        assert np.array_equal(fmt.pack(a.q), fmt.pack(b.q))
+        assert torch.equal(a.W_hat, b.W_hat) and torch.equal(a.rounded, b.rounded)
+        assert (a.rel_err, a.rel_err_rtn, a.damp, a.n_dead) == (b.rel_err, b.rel_err_rtn, b.damp, 1)
+    assert not torch.equal(gptq_quantize(W, G, fmt, act_order=act_order).W_hat, b.W_hat)

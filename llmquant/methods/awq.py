@@ -482,8 +482,9 @@ class AWQGPTQMethod(AWQMethod, method="awq+gptq"):
 
     def _codes_for(self, W, st, fmt):
         try:
-            res = gptq_quantize(W, 2.0 * st.G, fmt, damp=self.damp, act_order=self.act_order,
-                                block_cols=self.block_cols, scale_search=self.scale_search)
+            # H = 2·G, doubled inside GPTQ's float64 work copy: no scaled float32 copy of G beside it
+            res = gptq_quantize(W, st.G, fmt, damp=self.damp, act_order=self.act_order,
+                                block_cols=self.block_cols, scale_search=self.scale_search, h_scale=2.0)
         except HessianError as exc:
             warnings.warn(f"{exc}; AWQ clip search instead of GPTQ", stacklevel=3)
             q, stats = grid_codes(W, st.G, fmt, self.clip_ratios)

@@ -323,9 +323,11 @@ def _reorder(src: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype) -> torch.
     return out
 
 
-def _reversed_hessian(H0: torch.Tensor, dead: torch.Tensor, rev: torch.Tensor) -> torch.Tensor:
-    """J·H·J in float64 [ci, ci]: H0 in the reversed visiting order ``rev`` [ci], dead diagonals set to 1."""
+def _reversed_hessian(H0: torch.Tensor, dead: torch.Tensor, rev: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """J·(scale·H)·J in float64 [ci, ci]: H0 in the reversed visiting order ``rev`` [ci], dead diagonals set to 1."""
     Hr = _reorder(H0, rev, torch.float64)
+    if scale != 1.0:
+        Hr.mul_(scale)
     Hr.diagonal()[dead[rev]] = 1.0
     return Hr
 
@@ -353,9 +355,11 @@ def _invert_lower_(L: torch.Tensor) -> None:
     _invert_lower_(D)
 
 
-def _inverse_cholesky(H0: torch.Tensor, dead: torch.Tensor, order: torch.Tensor, damp: float
+def _inverse_cholesky(H0: torch.Tensor, dead: torch.Tensor, order: torch.Tensor, damp: float, scale: float = 1.0
                       ) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor U of (H + λI)⁻¹ in visiting ``order``, λ = damp·mean(diag H): float32 [ci, ci].
+
+    H is scale·H0, scaled in the float64 work copy (see ``gptq_quantize``'s h_scale).
 
     With J the reversal, J(H + λI)J = L·Lᵀ gives (H + λI)⁻¹ = (J L⁻¹ J)ᵀ(J L⁻¹ J),
     and J L⁻¹ J is upper triangular: one Cholesky and one triangular inversion in
@@ -367,14 +371,14 @@ def _inverse_cholesky(H0: torch.Tensor, dead: torch.Tensor, order: torch.Tensor,
     raises HessianError.
     """
     rev = order.flip(0)
-    diag = H0.diagonal().to(torch.float64)
+    diag = H0.diagonal().to(torch.float64) * scale
     diag[dead] = 1.0
     mean_diag = diag.mean().item()
     info = torch.empty((), dtype=torch.int32, device=H0.device)
     for attempt in range(_MAX_RETRIES + 1):
         if attempt:
             damp = damp * 10 if damp > 0 else 0.01
-        Lt = _reversed_hessian(H0, dead, rev).mT  # symmetric: the column-major view is the same matrix
+        Lt = _reversed_hessian(H0, dead, rev, scale).mT  # symmetric: the column-major view is the same matrix
         Lt.diagonal().add_(damp * mean_diag)
         torch.linalg.cholesky_ex(Lt, out=(Lt, info))
         if info.item() != 0:
@@ -489,6 +493,7 @@ def gptq_quantize(
     block_cols: int = 128,
     scale_search: bool = True,
     search_loss: str = "hdiag",
+    h_scale: float = 1.0,
 ) -> GPTQResult:
     """GPTQ of ``W [co, ci]`` under ``H [ci, ci]`` (2/n·XᵀX) onto fmt's blocks.
 
@@ -501,6 +506,9 @@ def gptq_quantize(
     nothing of theirs is propagated, and unlike the reference they keep their
     weights (quantized to nearest) rather than being zeroed, so the layer still
     works on inputs the calibration set did not exercise.
+    h_scale: H is h_scale·H, applied in the float64 work copy instead of a scaled
+    float32 copy of H (a power of two, such as AWQ's 2 of 2/n·XᵀX over its mean
+    XᵀX/n, gives bit for bit the result of passing h_scale·H).
     Raises HessianError if H is all zero or non-finite, or stays indefinite.
     """
     co, ci = W.shape
@@ -517,7 +525,7 @@ def gptq_quantize(
     dead = H0.diagonal() == 0
     if dead.all():
         raise HessianError("Hessian is all zero (no calibration signal for this layer)")
-    hdiag = H0.diagonal().to(torch.float32)
+    hdiag = H0.diagonal().to(torch.float32) * h_scale
     hdiag[dead] = 1.0
     nb = ci // sub
     two_level = gw != sub  # k-quants: a super-block's grid is chosen whole, and packed from its SuperGrid
@@ -537,7 +545,7 @@ def gptq_quantize(
         M = None if qb.mins is None else to_torch(qb.mins, W0).reshape(co, nb)
         col_block = (perm // sub).tolist()
     order = torch.arange(ci, device=W0.device) if perm is None else perm
-    Hinv, damp = _inverse_cholesky(H0, dead, order, damp)
+    Hinv, damp = _inverse_cholesky(H0, dead, order, damp, h_scale)
     W = W0.clone() if perm is None else W0[:, perm]
 
     def choose(w, j, U):  # w [co, gw]: block at natural column j, as the walk finds it
@@ -556,7 +564,7 @@ def gptq_quantize(
     q = _assemble(Q, pieces, fmt, act_order) if two_level else _quant_blocks(Q, S, M)
     W_hat = to_torch(fmt.dequantize(q), W0).reshape(co, ci)
     W_rtn = to_torch(fmt.dequantize(fmt.rtn(to_numpy(_blocks(W0, gw)))), W0).reshape(co, ci)
-    rel, rel_rtn = _rel_err(W0, H0, W_hat, W_rtn)
+    rel, rel_rtn = _rel_err(W0, H0, W_hat, W_rtn)  # ratios: the same for h_scale·H
     return GPTQResult(q=q, W_hat=W_hat, rel_err=rel, rel_err_rtn=rel_rtn, damp=damp, n_dead=int(dead.sum()),
                       rounded=W)
 
