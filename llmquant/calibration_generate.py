@@ -63,8 +63,9 @@ def generated_windows(model_dir: Path, n: int, seqlen: int, seed: int, *, kind: 
             if len(rows) >= n:
                 break
             for row in sampler.batch(b, cache_path(key, b)):
-                if row.numpy().tobytes() not in seen and len(rows) < n:
-                    seen.add(row.numpy().tobytes())
+                row_key = row.numpy().tobytes()
+                if row_key not in seen and len(rows) < n:
+                    seen.add(row_key)
                     rows.append(row)
     if len(rows) < n:
         raise LlmquantError(f"the model sampled only {len(rows)} distinct calibration sequences of {n}; "
@@ -134,10 +135,14 @@ class _Sampler:
             self._start(prompts)
         from .llamacpp_sampler import sample_sequences
 
-        ids = sample_sequences(self.gguf, prompts, self.seqlen, self.seed * 1_000_003 + b, temperature=TEMPERATURE,
+        ids = sample_sequences(self.gguf, prompts, self.seqlen, self._seed(b), temperature=TEMPERATURE,
                                threads=torch.get_num_threads(), on_step=self.bar.update)
         _store(path, ids)
         return ids
+
+    def _seed(self, b: int) -> int:
+        """Batch ``b``'s seed, for its prompts (chat) and its draws."""
+        return self.seed * 1_000_003 + b
 
     def _start(self, prompts: list[list[int]]) -> None:
         import tempfile
@@ -165,7 +170,7 @@ class _Sampler:
 
             with quiet_transformers():
                 self.tok = AutoTokenizer.from_pretrained(self.model_dir)
-        prompts = _prompts(self.tok, self.size, self.seed * 1_000_003 + b, self.kind, self.model_dir)
+        prompts = _prompts(self.tok, self.size, self._seed(b), self.kind, self.model_dir)
         if max(len(p) for p in prompts) >= self.seqlen:
             raise LlmquantError(f"--calib-seqlen {self.seqlen} leaves no room to generate after the chat template's "
                                 f"{max(len(p) for p in prompts)}-token prompt; use a longer --calib-seqlen")
