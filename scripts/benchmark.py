@@ -17,6 +17,7 @@ writes a markdown table, results.json and kld_vs_bpw.png. See docs/benchmarks.md
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import platform
@@ -30,6 +31,7 @@ from pathlib import Path
 from llmquant.errors import LlmquantError
 from llmquant.eval.perplexity import evaluate
 from llmquant.methods import make_method
+from llmquant.options import check_method_options
 from llmquant.text import default_text
 
 # llama.cpp's LLAMA_FTYPE_MOSTLY_* (vendor/llama.cpp/include/llama.h of llama-cpp-python 0.3.36);
@@ -66,7 +68,8 @@ else:
     calib = llmquant.CalibrationConfig(**job["calib"]) if job["calib"] else None
     try:
         llmquant.quantize(job["model"], job["out"], type=job["type"], method=job["method"],
-                          calibration=calib, threads=job["threads"], progress=False, imatrix=job.get("imatrix"))
+                          method_options=job.get("options"), calibration=calib, threads=job["threads"],
+                          progress=False, imatrix=job.get("imatrix"))
     except LlmquantError as exc:
         sys.exit(f"error: {exc}")
 seconds = time.perf_counter() - t0
@@ -82,7 +85,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    + " (default: " + ",".join(LEGACY_TYPES) + ")")
     p.add_argument("--methods", default="rtn,gptq",
                    help=f"comma-separated llmquant methods, and {OURS_IMATRIX} (llmquant imatrix on the "
-                        "calibration windows, then rtn --imatrix) (default: rtn,gptq)")
+                        "calibration windows, then rtn --imatrix); METHOD@KEY=VALUE[@...] runs a method with "
+                        "options as its own series, e.g. awq+gptq+tune@steps=200 (default: rtn,gptq)")
     p.add_argument("--ctx", type=int, default=None, help="evaluation window in tokens (default 512)")
     p.add_argument("--windows", type=int, default=None, help="evaluation windows (default: all of the held-out text)")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration windows for calibrated methods (128)")
@@ -120,7 +124,12 @@ def check_args(args: argparse.Namespace) -> dict[str, bool]:
             or args.calib_samples < 1 or args.calib_seqlen < 2:
         raise LlmquantError("need --ctx >= 4, --windows >= 1, --threads >= 1, --calib-samples >= 1, --calib-seqlen >= 2")
     # unknown method -> LlmquantError; rtn+imatrix is calibrated through its imatrix
-    needs = {m: m == OURS_IMATRIX or make_method(m).needs_calibration for m in args.requested}
+    needs = {}
+    for m in args.requested:
+        name, options = method_spec(m)
+        if m != OURS_IMATRIX:
+            check_method_options(name, type(make_method(name)), options)
+        needs[m] = m == OURS_IMATRIX or make_method(name, **options).needs_calibration
     if args.imatrix:  # builds llama-imatrix and llama-quantize once per machine (minutes); no cmake -> one line
         from llmquant.eval.llamacpp_tools import TOOLS, tool_path
 
@@ -178,12 +187,32 @@ def plan_rows(args: argparse.Namespace, needs: dict[str, bool]) -> list[dict]:
         for m in args.methods:
             c = calib if needs[m] else None
             tag = ctag if c else ""
-            job = {"method": m, "type": t, "model": args.model, "calib": c}
+            name, options = method_spec(m)
+            job = {"method": name, "type": t, "model": args.model, "calib": c, "options": options or None}
             if m == OURS_IMATRIX:
                 job = {**job, "method": "rtn", "calib": None, "imatrix": str(our_imatrix_path(args))}
             rows.append({**base, "type": t, "method": m, "calib": c,
                          "file": str(args.out_dir / f"{slug}-{t}-{m}{tag}.gguf"), "job": job})
     return rows
+
+
+def method_spec(spec: str) -> tuple[str, dict]:
+    """``awq+gptq+tune@steps=200@lr=0.01`` -> ("awq+gptq+tune", {"steps": 200, "lr": 0.01}).
+
+    A method with options is its own series (its own rows and files); the values
+    are Python literals (numbers, True/False), checked by the method like the CLI's.
+    """
+    name, *pairs = spec.split("@")
+    options = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise LlmquantError(f"method option {pair!r} in {spec!r} is not KEY=VALUE")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise LlmquantError(f"method option {key}={value!r} in {spec!r} is not a number or True/False") from None
+    return name, options
 
 
 def calib_slug(args: argparse.Namespace) -> str:

@@ -238,3 +238,20 @@ def test_kquant_recipe_names(bench, tmp_path, capsys):
     assert bench.main(["--types", "q4_k_x", "--out-dir", str(tmp_path / "never")]) == 2
     assert "unsupported type(s) ['q4_k_x']" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+def test_method_options_are_their_own_series(bench, tmp_path, capsys):
+    args = bench.parse_args(["--types", "q4_0", "--methods", "gptq,gptq@damp=0.1@act_order=True",
+                             "--out-dir", str(tmp_path / "x")])
+    plan = bench.plan_rows(args, bench.check_args(args))
+    ours = {r["method"]: r for r in plan if r["type"] == "q4_0" and r["method"].startswith("gptq")}
+    assert ours["gptq"]["job"]["options"] is None
+    tuned = ours["gptq@damp=0.1@act_order=True"]
+    assert tuned["job"]["method"] == "gptq" and tuned["job"]["options"] == {"damp": 0.1, "act_order": True}
+    assert tuned["file"] != ours["gptq"]["file"] and bench.row_key(tuned) != bench.row_key(ours["gptq"])
+    for spec, expect in (("gptq@steps=3", "--tune-steps does not apply to --method gptq"),
+                         ("gptq@damp=-1", "--damp must be at least 0"),
+                         ("gptq@damp", "is not KEY=VALUE"), ("gptq@damp=x", "is not a number or True/False")):
+        assert bench.main(["--types", "q4_0", "--methods", spec, "--out-dir", str(tmp_path / "never")]) == 2
+        assert expect in capsys.readouterr().err, spec
+    assert not (tmp_path / "never").exists()

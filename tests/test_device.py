@@ -25,13 +25,14 @@ from llmquant.export.gguf_file import ResumableError
 from llmquant.formats import get_format
 from llmquant.loading.layers import LayerRunner, _to_device
 from llmquant.methods import edge
-from llmquant.methods.awq import channel_map, fold_scales, scales_for
-from llmquant.methods.gptq import HessianAccumulator, _walk
+from llmquant.methods.awq import channel_map, fold_scales, rtn_error, scales_for
+from llmquant.methods.gptq import HessianAccumulator, _walk, gptq_quantize
 from llmquant.methods.tune import _start_state
 from llmquant.options import resolve_device
 
 CALIB = CalibrationConfig(samples=4, seqlen=64)
 METHODS_DIR = str(Path(edge.__file__).parent)
+FORMATS_DIR = str(Path(get_format.__code__.co_filename).parent)
 
 
 @pytest.fixture(scope="module")
@@ -257,3 +258,62 @@ def test_tune_state_is_on_the_weights_device():
     q = fmt.rtn(W.reshape(-1, 32).numpy())
     st = _start_state(fmt, q, W.to("meta"))
     assert {t.device.type for t in (st.base, st.s0, st.V, st.alpha)} == {"meta"}
+
+
+class NumpyCrossings:
+    """Counts tensors leaving torch for numpy (``Tensor.numpy``) and arrays entering it (``torch.from_numpy``)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.count = 0
+        real_numpy, real_from = torch.Tensor.numpy, torch.from_numpy
+
+        def numpy(t, *a, **k):
+            self.count += 1
+            return real_numpy(t, *a, **k)
+
+        def from_numpy(a):
+            self.count += 1
+            return real_from(a)
+
+        monkeypatch.setattr(torch.Tensor, "numpy", numpy)
+        monkeypatch.setattr(torch, "from_numpy", from_numpy)
+
+
+@pytest.mark.parametrize("qtype", ["q4_K", "q6_K", "q3_K", "q5_0", "q4_1"])
+def test_gptq_crosses_to_numpy_per_tensor_not_per_block(qtype, monkeypatch):
+    """llama.cpp's rules run in torch inside the walk (on a GPU: on the GPU): the numpy crossings of a
+    whole GPTQ call are the same few for 2 and for 6 block column ranges (the QuantBlocks it returns)."""
+    crossings = NumpyCrossings(monkeypatch)
+    counts = []
+    for ci in (512, 1536):
+        g = torch.Generator().manual_seed(ci)
+        W, X = torch.randn(8, ci, generator=g), torch.randn(64, ci, generator=g)
+        before = crossings.count
+        gptq_quantize(W, 2 * X.T @ X / 64, get_format(qtype), block_cols=256)
+        counts.append(crossings.count - before)
+    assert counts[0] == counts[1] <= 16, counts  # the QuantBlocks (k-quants: its SuperGrid) at the end
+
+
+@pytest.mark.parametrize("qtype", ["q4_K", "q5_1"])
+def test_awq_error_of_llama_cpps_rule_stays_in_torch(qtype, monkeypatch):
+    """AWQ's α grid scores llama.cpp's rule on every candidate scaling: no numpy at all."""
+    W = torch.randn(4, 256, generator=torch.Generator().manual_seed(0))
+    crossings = NumpyCrossings(monkeypatch)
+    err = rtn_error(W, torch.rand(256) + 0.5, get_format(qtype), torch.eye(256))
+    assert crossings.count == 0 and err > 0
+
+
+@pytest.mark.parametrize(("qtype", "weighted"), [(t, w) for t in ("q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "q4_0",
+                                                                  "q4_1", "q5_0", "q5_1", "q8_0") for w in (False, True)])
+def test_llama_cpps_rules_make_every_tensor_on_the_inputs_device(qtype, weighted, monkeypatch):
+    """The formats' searches (``rtn_rows_torch``, imatrix path included) create no tensor on the default
+    device and cross no numpy: on a GPU they stay on it."""
+    fmt = get_format(qtype)
+    rows = torch.randn(4, 512, generator=torch.Generator().manual_seed(1))
+    importance = torch.rand(512) + 0.1 if weighted else None
+    rec = FactoryRecorder(scope=FORMATS_DIR)
+    crossings = NumpyCrossings(monkeypatch)
+    with rec:
+        codes, grid = fmt.rtn_rows_torch(rows, importance)
+    assert rec.found == [] and crossings.count == 0, sorted(set(rec.found))
+    assert codes.shape == (512 * 4 // fmt.sub_size, fmt.sub_size) and grid.scales.shape == (codes.shape[0],)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from ggml_ref import ggml_quantize
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -22,7 +23,8 @@ from llmquant.formats.base import QuantBlocks
 from llmquant.formats.kquant import KQuantFormat, SuperGrid
 from llmquant.formats.q3_k import Q3_K
 from llmquant.formats.q6_k import Q6_K
-from llmquant.formats.qx_search import make_q3_quants, make_qx_quants
+from llmquant.formats.qx_search import make_q3_quants
+from llmquant.formats.torch_grid import make_qx_quants
 
 FORMATS = {"q3_k": Q3_K, "q6_k": Q6_K}
 FFN_DOWN = "model.layers.0.mlp.down_proj.weight"
@@ -190,14 +192,14 @@ def test_zero_super_blocks_use_the_reference_conventions():
 
 
 def test_searches_match_hand_checked_groups():
-    x = np.array([[1.0, -2.0, 0.5, 4.0] + [0.0] * 12, [0.0] * 16], np.float32)
+    x = torch.tensor([[1.0, -2.0, 0.5, 4.0] + [0.0] * 12, [0.0] * 16])
     codes, scale = make_q3_quants(x, 4)
-    assert codes.dtype == np.int16 and codes.shape == (2, 16)
+    assert codes.dtype == torch.int32 and codes.shape == (2, 16)
     # the max 4.0 maps to -4 (iscale = -nmax/max), scale negative
     assert codes[0, 3] == -4 and scale[0] < 0
     assert (codes[1] == -4).all() and scale[1] == 0
     codes, scale = make_qx_quants(x, 32)
-    assert codes[0, 3] == -32 and scale[0] < 0 and np.isclose(scale[0], -4.0 / 32, rtol=0.05)
+    assert codes[0, 3] == -32 and scale[0] < 0 and np.isclose(float(scale[0]), -4.0 / 32, rtol=0.05)
     assert (codes[1] == -32).all() and scale[1] == 0
 
 

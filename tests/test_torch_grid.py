@@ -21,8 +21,7 @@ from hypothesis.extra import numpy as hnp
 
 from llmquant.formats import BlockFormat, QuantBlocks, get_format
 from llmquant.formats import torch_grid as tg
-from llmquant.formats.kquant import KQuantFormat, SuperGrid, nearest_int
-from llmquant.formats.qx_search import make_qx_quants
+from llmquant.formats.kquant import KQuantFormat, SuperGrid
 
 LEGACY = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]
 KQUANTS = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
@@ -82,6 +81,10 @@ def _imatrix(cols: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
     return im, np.broadcast_to(im.reshape(1, -1, 256), (rows, cols // 256, 256)).reshape(-1, 256)
 
 
+def _tensor(a: np.ndarray | None) -> torch.Tensor | None:
+    return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
+
+
 # --------------------------------------------------------------------------- dequantize_torch
 
 
@@ -139,29 +142,71 @@ def test_dequantize_torch_property(name: str, data):
 
 @settings(max_examples=200, deadline=None)
 @given(x=hnp.arrays(np.float32, 64, elements=st.floats(width=32)))
-def test_f16_round_and_nearest_int_match_numpy(x: np.ndarray):
+def test_f16_round_matches_numpy(x: np.ndarray):
     t = torch.from_numpy(x.copy())
     with np.errstate(over="ignore"):
         f16 = x.astype(np.float16).astype(np.float32)
     assert np.array_equal(tg.f16_round(t, saturate=False).numpy(), f16, equal_nan=True)
     clipped = np.clip(x, -65504, 65504).astype(np.float16).astype(np.float32)
     assert np.array_equal(tg.f16_round(t).numpy(), clipped, equal_nan=True)
-    assert np.array_equal(tg.nearest_int(t).numpy(), nearest_int(x))
 
 
-@pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize("nmax", [4, 32])
-def test_make_qx_quants_torch_is_the_numpy_port(nmax: int, weighted: bool):
-    """The projection's copy of llama.cpp's make_qx_quants equals the search's numpy one bit for bit."""
-    rng = np.random.default_rng(nmax)
+@settings(max_examples=200, deadline=None)
+@given(x=hnp.arrays(np.float32, 64, elements=st.floats(-(2.0**22), 2.0**22 - 1, width=32)))
+def test_nearest_int_rounds_half_to_even_in_range(x: np.ndarray):
+    """ggml's nearest_int is round-half-to-even wherever x + 1.5·2^23 keeps the exponent 2^23: x in [-2^22, 2^22)."""
+    assert np.array_equal(tg.nearest_int(torch.from_numpy(x.copy())).numpy(), np.rint(x).astype(np.int32))
+
+
+def test_nearest_int_outside_its_range_is_cs_bit_trick():
+    """Past its range C returns the low 23 mantissa bits of x + 12582912.f minus 2^22 (worked out by hand)."""
+    x = torch.tensor([float("inf"), float("-inf"), float("nan"), 2.0**22, 2.0**23, 3.0 * 2**22, -(2.0**22), 2.5, -2.5,
+                      0.5, -0.0], dtype=torch.float32)
+    # inf: 0x7f800000 -> mantissa 0; NaN: 0x7fc00000 -> 0x400000; 2^22: 2^24 -> mantissa 0;
+    # 2^23: 1.25·2^24 -> 0x200000; 3·2^22: 1.5·2^24 -> 0x400000; -2^22: 2^23 -> mantissa 0
+    expect = [-(2**22), -(2**22), 0, -(2**22), 0x200000 - 2**22, 0, -(2**22), 2, -2, 0, 0]
+    assert tg.nearest_int(x).tolist() == expect and tg.nearest_int(x).dtype == torch.int32
+
+
+def test_sqrt_is_correctly_rounded():
+    """``tg.sqrt`` is C's sqrtf (numpy's float32 sqrt: IEEE, correctly rounded), where torch's CPU one is not."""
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.random(1 << 20) * 10, rng.random(1 << 16) * 1e-38, rng.random(1 << 16) * 3e38,
+                        [0.0, 1e-45, 3.4e38, 4.0, 2.0, np.inf]]).astype(np.float32)
+    assert _bits_equal(tg.sqrt(torch.from_numpy(x)), np.sqrt(x))
+    assert (torch.sqrt(torch.from_numpy(x)).numpy() != np.sqrt(x)).any()  # why tg.sqrt exists (MKL's vector sqrt)
+
+
+def test_sequential_sums_add_left_to_right():
+    """row_sum / col_sum are C's ``for`` loop in float32: 1 + 2^-24 + 2^-24 stays 1, pairwise would give 1 + 2^-23."""
+    a = torch.tensor([[1.0, 2.0**-24, 2.0**-24], [2.0**-24, 2.0**-24, 1.0]])
+    assert tg.row_sum(a).tolist() == [1.0, 1.0 + 2.0**-23]
+    assert tg.col_sum(a.t()).tolist() == [1.0, 1.0 + 2.0**-23]
+    z = torch.tensor([[-0.0], [-0.0]])
+    assert str(tg.col_sum(z).item()) == "0.0" and str(tg.col_sum(z, first=True).item()) == "-0.0"
+
+
+@pytest.mark.parametrize("imatrix", [False, True], ids=["plain", "imatrix"])
+@pytest.mark.parametrize("name", ["q3_k", "q6_k"])
+def test_symmetric_searches_match_llama_cpp_on_hard_groups(name: str, imatrix: bool):
+    """make_qx_quants (q6_K; q3_K with an imatrix) and make_q3_quants (q3_K without) against llama.cpp's bytes.
+
+    Sub-blocks of 16 at magnitudes spread over decades put many sub-scales on sc = 0, where the
+    bytes carry the search's own codes; all-zero, 1e-16 and half-zero groups hit its edge cases.
+    One row of 65536 makes the imatrix a weight per element (zeros included).
+    """
+    fmt = get_format(name)
+    rng = np.random.default_rng(fmt.qmax)
     x = (rng.standard_normal((4096, 16)) * rng.lognormal(0, 2, (4096, 1))).astype(np.float32)
     x[::97] = 0.0
     x[1::97] = 1e-16
     x[2::97, :8] = 0.0
-    qw = (rng.random((4096, 16)) * (rng.random((4096, 16)) > 0.1)).astype(np.float32) if weighted else None
-    codes, scale = make_qx_quants(x, nmax, qw)
-    t_codes, t_scale = tg.make_qx_quants(torch.from_numpy(x), nmax, None if qw is None else torch.from_numpy(qw))
-    assert np.array_equal(t_codes.numpy(), codes) and _bits_equal(t_scale, scale)
+    row = x.reshape(1, -1)
+    im = (rng.random(row.size) * (rng.random(row.size) > 0.1)).astype(np.float32) if imatrix else None
+    ours = fmt.pack(fmt.rtn_rows(row, im))
+    ref = ggml_quantize(row, fmt.qtype, im)
+    bad = np.flatnonzero((ours != ref).any(axis=1))
+    assert bad.size == 0, f"{bad.size} of {len(ref)} super-blocks differ from llama.cpp's"
 
 
 def test_no_reciprocal_rounding_in_divisions():
@@ -198,11 +243,11 @@ def test_project_of_search_scales_is_llama_cpp_grid(name: str, data: str, imatri
     im, importance = _imatrix(x.shape[1], x.shape[0]) if imatrix else (None, None)
     ref_bytes = ggml_quantize(x, fmt.qtype, im)
     ref = fmt.unpack(ref_bytes)
-    ideal = fmt.search(x.reshape(-1, 256), importance)
-    p = fmt.project(*ideal.tensors(), saturate=False)
+    ideal = fmt.search(torch.from_numpy(x.reshape(-1, 256)), _tensor(importance))
+    p = fmt.project(ideal.scales, ideal.mins, ideal.weights, saturate=False)
     _assert_projection_is(fmt, p, ref)
     if data != "huge":  # within fp16's range saturating changes nothing
-        _assert_projection_is(fmt, fmt.project(*ideal.tensors()), ref)
+        _assert_projection_is(fmt, fmt.project(ideal.scales, ideal.mins, ideal.weights), ref)
     assert np.array_equal(fmt.pack(fmt.blocks(torch.from_numpy(ref.codes), p)), ref_bytes)
 
 
@@ -212,8 +257,8 @@ def test_project_on_real_weights(name: str, ffn_down: np.ndarray):
     for imatrix in (False, True):
         im, importance = _imatrix(ffn_down.shape[1], ffn_down.shape[0]) if imatrix else (None, None)
         ref = fmt.unpack(ggml_quantize(ffn_down, fmt.qtype, im))
-        ideal = fmt.search(ffn_down.reshape(-1, 256), importance)
-        _assert_projection_is(fmt, fmt.project(*ideal.tensors()), ref)
+        ideal = fmt.search(torch.from_numpy(ffn_down.reshape(-1, 256)), _tensor(importance))
+        _assert_projection_is(fmt, fmt.project(ideal.scales, ideal.mins, ideal.weights), ref)
 
 
 @pytest.mark.parametrize("data", list(DATASETS))

@@ -14,7 +14,8 @@ The grid steps are torch, on any device (``torch_grid``): ``project`` takes
 ideal per-block scales (and mins) to the nearest ones the file stores,
 ``nearest_codes`` rounds weights onto them, ``dequantize_torch`` and the
 differentiable ``fake_quant`` compute the weights llama.cpp reads back.
-numpy stays at the edge: ``rtn`` (llama.cpp's searches), ``pack``/``unpack``.
+llama.cpp's own rules (``rtn_torch``, the k-quant searches) are torch too, bit
+for bit the C reference; numpy stays at the edge: ``rtn``, ``pack``/``unpack``.
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ _REGISTRY: dict[str, type[BlockFormat]] = {}
 class BlockFormat:
     """One ggml block type. Subclasses register with ``qtype=``.
 
-    Subclasses define ``qmin``, ``qmax``, ``has_min`` and implement ``rtn``,
-    ``pack`` and ``unpack`` vectorized over all blocks at once.
+    Subclasses define ``qmin``, ``qmax``, ``has_min`` and implement
+    ``rtn_torch`` (and ``rtn_weighted_torch``) in torch, ``pack`` and
+    ``unpack`` in numpy, vectorized over all blocks at once.
 
     Layout: ``block_size`` input columns make one ggml block (``type_size``
     bytes); ``sub_size`` of them share one scale (and min); a method that
@@ -89,34 +91,56 @@ class BlockFormat:
         _REGISTRY[cls.name] = cls
 
     @classmethod
-    def rtn(cls, blocks: np.ndarray) -> QuantBlocks:
-        """Round-to-nearest exactly as llama.cpp's reference quantizer.
+    def rtn_torch(cls, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, Projection]:
+        """Round-to-nearest exactly as llama.cpp's reference quantizer, in torch on ``blocks``' device.
 
-        blocks: float32 [n_blocks, block_size] -> QuantBlocks of n_blocks·block_size/sub_size blocks
+        blocks: float32 [n, block_size]; importance: float32 [n, block_size], a
+        weight per element (k-quants only: the imatrix path of their searches;
+        the legacy types weigh by whole rows, ``rtn_rows_torch``)
+        -> codes int32 [n·block_size/sub_size, sub_size] in [qmin, qmax] and
+        their ``Projection`` (the flat view; k-quants also the stored grid).
+        Scales past fp16's range are stored as inf, as llama.cpp does
+        (``project(saturate=False)``). The single implementation: ``rtn`` is
+        this plus ``blocks`` at the numpy edge, and methods call it on their device.
         """
         raise NotImplementedError
 
     @classmethod
-    def rtn_rows(cls, rows: np.ndarray, importance: np.ndarray | None = None) -> QuantBlocks:
+    def rtn_weighted_torch(cls, rows: torch.Tensor, importance: torch.Tensor) -> tuple[torch.Tensor, Projection]:
+        """``rtn_rows_torch`` with an importance matrix: rows float32 [r, c], importance float32 [c]."""
+        raise NotImplementedError
+
+    @classmethod
+    def rtn_rows_torch(cls, rows: torch.Tensor,
+                       importance: torch.Tensor | None = None) -> tuple[torch.Tensor, Projection]:
         """llama-quantize on whole rows: its reference rule, or with an importance matrix its weighted search.
 
         rows: float32 [r, c] (c a multiple of block_size); importance: float32 [c], the mean
         squared input of each column (what ``llama-quantize --imatrix`` reads), or None.
         With importance llama.cpp runs a different quantizer (``quantize_row_*_impl``), whose
         weights depend on the whole row (the legacy types' sigma2), hence rows, not blocks.
+        Returns what ``rtn_torch`` returns, blocks in row-major ggml order.
         """
-        x = np.ascontiguousarray(rows, dtype=np.float32)
+        x = rows.to(torch.float32)
         if importance is None:
-            return cls.rtn(x.reshape(-1, cls.block_size))
-        qw = np.asarray(importance, dtype=np.float32)
-        if x.ndim != 2 or qw.shape != (x.shape[1],):
-            raise ValueError(f"{cls.name}: importance must be [{x.shape[-1]}] for rows [r, c], not {qw.shape}")
-        return cls.rtn_weighted(x, qw)
+            return cls.rtn_torch(x.reshape(-1, cls.block_size))
+        qw = importance.to(device=x.device, dtype=torch.float32)
+        if x.ndim != 2 or tuple(qw.shape) != (x.shape[1],):
+            raise ValueError(f"{cls.name}: importance must be [{x.shape[-1]}] for rows [r, c], not {tuple(qw.shape)}")
+        return cls.rtn_weighted_torch(x, qw)
 
     @classmethod
-    def rtn_weighted(cls, rows: np.ndarray, importance: np.ndarray) -> QuantBlocks:
-        """``rtn_rows`` with an importance matrix; rows float32 [r, c], importance float32 [c]."""
-        raise NotImplementedError
+    def rtn(cls, blocks: np.ndarray, importance: np.ndarray | None = None) -> QuantBlocks:
+        """``rtn_torch`` at the numpy edge: float32 [n, block_size] (importance likewise) -> QuantBlocks."""
+        x = as_torch(blocks, np.float32).reshape(-1, cls.block_size)
+        qw = None if importance is None else as_torch(importance, np.float32).reshape(-1, cls.block_size)
+        return cls.blocks(*cls.rtn_torch(x, qw))
+
+    @classmethod
+    def rtn_rows(cls, rows: np.ndarray, importance: np.ndarray | None = None) -> QuantBlocks:
+        """``rtn_rows_torch`` at the numpy edge: rows float32 [r, c], importance float32 [c] or None."""
+        qw = None if importance is None else as_torch(importance, np.float32)
+        return cls.blocks(*cls.rtn_rows_torch(as_torch(rows, np.float32), qw))
 
     @classmethod
     def pack(cls, q: QuantBlocks) -> np.ndarray:

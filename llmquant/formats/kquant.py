@@ -13,11 +13,12 @@ against and what ``dequantize`` multiplies with) and the stored integers in
 ``grid`` (what ``pack`` writes). ``make`` derives the flat view from the grid,
 so the two can never disagree, and ``check`` refuses blocks where they do.
 
-Each type's ``rtn`` is llama.cpp's quantizer in two steps: ``search`` (the
-per-sub-block scale/min searches, numpy) gives ideal float scales, and
-``project`` (torch, any device) turns them into the stored ``d``, ``sc``
-(``dmin``, ``m``) exactly as llama.cpp does; a method that chooses its own
-ideal scales (tuning, GPTQ) projects them with the same function.
+Each type's ``rtn_torch`` is llama.cpp's quantizer in three steps, torch on
+any device: ``search`` (the per-sub-block scale/min searches) gives ideal
+float scales, ``project`` turns them into the stored ``d``, ``sc`` (``dmin``,
+``m``) exactly as llama.cpp does, and ``requantize`` rounds every weight on
+that grid; a method that chooses its own ideal scales (tuning, GPTQ) projects
+them with the same function.
 
 Layout per type (``sub_size``, code range, sub-scale range, min):
 
@@ -36,8 +37,9 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from . import torch_grid as tg
 from .base import BlockFormat, QuantBlocks, as_torch, f16_exact
-from .torch_grid import Projection, flat_view
+from .torch_grid import Projection, flat_view, serial
 
 QK_K = 256
 
@@ -62,25 +64,22 @@ class SuperGrid:
 class Ideal:
     """A k-quant search's result for N sub-blocks, before its projection onto the stored grid.
 
-    levels:  int16 [N, sub] the search's codes (kept where the stored scale is 0)
+    Tensors on the searched blocks' device:
+    levels:  int32 [N, sub] the search's codes (kept where the stored scale is 0)
     scales:  float32 [N] ideal sub-block scales
     mins:    float32 [N] ideal additive sub-block mins (w = s·code + min), None for symmetric types
     weights: float32 [N] each sub-block's total search weight (imatrix path), or None
     """
 
-    levels: np.ndarray
-    scales: np.ndarray
-    mins: np.ndarray | None = None
-    weights: np.ndarray | None = None
-
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(scales, mins, weights) as CPU tensors, the arguments of ``project``."""
-        return tuple(None if v is None else as_torch(v, np.float32) for v in (self.scales, self.mins, self.weights))
+    levels: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
 
 
 class KQuantFormat(BlockFormat):
     """Base of q2_K … q6_K. Subclasses set the layout ClassVars and implement
-    ``rtn``, ``pack`` and ``unpack`` (vectorized over all super-blocks)."""
+    ``search``, ``project``, ``pack`` and ``unpack`` (vectorized over all super-blocks)."""
 
     sub_size: ClassVar[int]
     sc_min: ClassVar[int]
@@ -88,13 +87,49 @@ class KQuantFormat(BlockFormat):
     m_max: ClassVar[int] = 0
 
     @classmethod
-    def rtn_weighted(cls, rows: np.ndarray, importance: np.ndarray) -> QuantBlocks:
-        """Every k-quant's ``rtn`` takes the imatrix per element of its super-blocks: the same
-        column importance for every row."""
+    def search(cls, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> Ideal:
+        """llama.cpp's per-sub-block scale (and min) search, before the projection onto the stored grid.
+
+        blocks: float32 [n, 256]; importance: float32 [n, 256], the imatrix of each
+        super-block's columns, or None (each type's ``quantize_row_*_ref``; with it
+        ``quantize_row_*_impl``). Torch on the blocks' device.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def rtn_torch(cls, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, Projection]:
+        """llama.cpp's quantizer in the order every ``quantize_row_q*_K`` follows: ``search``, ``project``
+        (``saturate=False``: inf past fp16's range, as C stores it), then codes re-rounded on the stored grid.
+
+        blocks: float32 [n, 256]; importance: float32 [n, 256] or None
+        -> codes int32 [n·n_sub, sub_size] and their Projection, on the blocks' device
+        (on a CPU in the calling thread alone: ``torch_grid.serial``).
+        """
+        x = blocks.to(torch.float32).reshape(-1, QK_K)
+        qw = None
+        if importance is not None:
+            qw = importance.to(device=x.device, dtype=torch.float32)
+            if tuple(qw.shape) != tuple(x.shape):
+                raise ValueError(f"{cls.name}: importance must be {list(x.shape)} like the blocks, "
+                                 f"not {list(qw.shape)}")
+        with serial(x):
+            ideal = cls.search(x, qw)
+            p = cls.project(ideal.scales, ideal.mins, ideal.weights, saturate=False)
+            return cls.codes_on_grid(x, ideal, p), p
+
+    @classmethod
+    def codes_on_grid(cls, x: torch.Tensor, ideal: Ideal, p: Projection) -> torch.Tensor:
+        """The last step of ``rtn_torch``: x float32 [n, 256] re-rounded on the projection ``p``
+        of the search ``ideal`` (``requantize``) -> codes int32 [n·n_sub, sub_size]."""
+        return requantize(x.reshape(-1, cls.sub_size), ideal.levels, p.scales, p.mins, cls.qmin, cls.qmax)
+
+    @classmethod
+    def rtn_weighted_torch(cls, rows: torch.Tensor, importance: torch.Tensor) -> tuple[torch.Tensor, Projection]:
+        """Every k-quant's ``rtn_torch`` takes the imatrix per element of its super-blocks: the same
+        column importance [c] for every row of rows [r, c]."""
         r, c = rows.shape
-        per_element = np.broadcast_to(importance.reshape(1, c // cls.block_size, cls.block_size),
-                                      (r, c // cls.block_size, cls.block_size))
-        return cls.rtn(rows.reshape(-1, cls.block_size), per_element.reshape(-1, cls.block_size))
+        per_element = importance.reshape(1, c).expand(r, c).reshape(-1, cls.block_size)
+        return cls.rtn_torch(rows.reshape(-1, cls.block_size), per_element)
 
     @classmethod
     def n_sub(cls) -> int:
@@ -204,24 +239,15 @@ class KQuantFormat(BlockFormat):
             raise ValueError(f"{cls.name}: the flat scales/mins are not the grid's d·sc, −dmin·m")
 
 
-def sequential_sum(x: np.ndarray) -> np.ndarray:
-    """Sum over the last axis left to right in float32, as a C ``for`` loop adds.
+def requantize(x: torch.Tensor, levels: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+               lo: int, hi: int) -> torch.Tensor:
+    """The final pass of every k-quant: codes re-rounded on the stored grid.
 
-    numpy's pairwise summation adds in another order, which changes the last
-    bit and so, through a comparison, whole blocks of the reference searches.
+    x: float32 [N, sub]; levels: int32 [N, sub] from the search; scales, mins: float32
+    [N], the flat view ``d·sc`` and ``−dmin·m`` (None for symmetric types)
+    -> int32 [N, sub], ``clamp(nearest_int((x + dmin·m) / (d·sc)), lo, hi)``. Sub-blocks
+    with ``d·sc == 0`` keep the search's levels, as C ``continue``s past them.
     """
-    acc = np.zeros(x.shape[:-1], dtype=np.float32)
-    for i in range(x.shape[-1]):
-        acc = acc + x[..., i]
-    return acc
-
-
-def nearest_int(x: np.ndarray) -> np.ndarray:
-    """ggml's ``nearest_int``: round half to even of a float32 (the 1.5·2^23 trick), as int32.
-
-    The trick itself, not ``rint``: the two agree for |x| <= 2^22, and past
-    that (or for inf/NaN, e.g. ``x / 0``) C returns the low mantissa bits,
-    which its clamps then turn into codes.
-    """
-    v = np.asarray(x, dtype=np.float32) + np.float32(12582912.0)
-    return (v.view(np.int32) & np.int32(0x007FFFFF)) - np.int32(0x00400000)
+    v = x if mins is None else x - mins[:, None]  # x − (−dm) is C's x + dm, bit for bit
+    fresh = tg.nearest_int(v / scales[:, None]).clamp(lo, hi)
+    return torch.where((scales == 0)[:, None], levels.to(torch.int32), fresh)

@@ -3,7 +3,7 @@
 With only four levels per weight, the choice of each sub-block's scale and
 min decides most of the error, so llama.cpp searches for them (absolute
 error weighted by |x| without an importance matrix, squared error weighted
-by the imatrix with one). ``rtn`` follows ``quantize_row_q2_K_ref`` /
+by the imatrix with one). ``rtn_torch`` follows ``quantize_row_q2_K_ref`` /
 ``quantize_row_q2_K_impl`` operation for operation so that round-to-nearest
 files are byte-identical with ``llama-quantize``'s.
 """
@@ -17,7 +17,7 @@ from gguf import GGMLQuantizationType
 from . import torch_grid as tg
 from .base import QuantBlocks, f16_bytes, f16_from_bytes
 from .kquant import QK_K, Ideal, KQuantFormat, SuperGrid
-from .qkx_search import F32, make_qkx_quants, row_sum, rtn_with_mins
+from .qkx_search import make_qkx_quants
 from .torch_grid import Projection
 
 # block_q2_K, 84 bytes:
@@ -54,27 +54,24 @@ class Q2_K(KQuantFormat, qtype=GGMLQuantizationType.Q2_K):
     m_max = 15
 
     @classmethod
-    def search(cls, blocks: np.ndarray, importance: np.ndarray | None = None) -> Ideal:
+    def search(cls, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> Ideal:
         """llama.cpp's per-sub-block scale/min search, before the 4-bit projection.
 
         blocks: float32 [n, 256]; importance: float32 [n, 256], the imatrix of each
         super-block's columns, or None (``quantize_row_q2_K_ref``: |x|-weighted
         absolute error; with it ``quantize_row_q2_K_impl``: weighted squared error).
         """
-        x = np.asarray(blocks, dtype=F32).reshape(-1, QK_K)
+        x = blocks.to(torch.float32).reshape(-1, QK_K)
         n = x.shape[0]
         xs = x.reshape(n * 16, 16)
         if importance is None:
-            levels, scales, the_min = make_qkx_quants(xs, np.abs(xs), 3, -0.5, 0.1, 15, True)
+            levels, scales, the_min = make_qkx_quants(xs, xs.abs(), 3, -0.5, 0.1, 15, True)
             return Ideal(levels, scales, -the_min)
-        qw = np.asarray(importance, dtype=F32)
-        if qw.shape != x.shape:
-            raise ValueError(f"{cls.name}: importance must be [{n}, 256] like the blocks, not {qw.shape}")
-        qw = qw.reshape(n * 16, 16)
-        sigma2 = row_sum((x * x).T) / F32(QK_K)
-        weights = qw * np.sqrt(np.repeat(sigma2, 16)[:, None] + xs * xs)
+        qw = importance.to(torch.float32).reshape(n * 16, 16)
+        sigma2 = tg.row_sum(x * x) / tg.const(float(QK_K), x)
+        weights = qw * tg.sqrt(sigma2.repeat_interleave(16)[:, None] + xs * xs)
         levels, scales, the_min = make_qkx_quants(xs, weights, 3, -0.9, 0.05, 36, False)
-        return Ideal(levels, scales, -the_min, row_sum(weights.T))
+        return Ideal(levels, scales, -the_min, tg.row_sum(weights))
 
     @classmethod
     def project(cls, scales: torch.Tensor, mins: torch.Tensor | None = None,
@@ -104,12 +101,6 @@ class Q2_K(KQuantFormat, qtype=GGMLQuantizationType.Q2_K):
             byte = (ls | (lm << 4)) & 0xFF
             d, dmin = tg.f16_round(d, saturate), tg.f16_round(dmin, saturate)
         return cls._projection(d, byte & 0x0F, dmin, byte >> 4)
-
-    @classmethod
-    def rtn(cls, blocks: np.ndarray, importance: np.ndarray | None = None) -> QuantBlocks:
-        """float32 [n, 256] (and importance float32 [n, 256], the imatrix of
-        each super-block's columns) -> QuantBlocks of n·16 sub-blocks."""
-        return rtn_with_mins(cls, blocks, importance)
 
     @classmethod
     def pack(cls, q: QuantBlocks) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Q3_K: 3-bit signed codes, 16 sub-blocks of 16 sharing a 6-bit signed scale.
 
-``rtn`` repeats llama.cpp's quantizer operation for operation, so a
+``rtn_torch`` repeats llama.cpp's quantizer operation for operation, so a
 round-to-nearest file is byte-identical with ``llama-quantize``'s and the
 GPTQ/AWQ gains measured on q3_K are gains over llama.cpp itself:
 
@@ -25,8 +25,8 @@ from gguf import GGMLQuantizationType
 
 from . import torch_grid as tg
 from .base import QuantBlocks, f16_bytes, f16_from_bytes
-from .kquant import QK_K, Ideal, KQuantFormat, SuperGrid, sequential_sum
-from .qx_search import as_super_blocks, make_q3_quants, make_qx_quants, requantize
+from .kquant import QK_K, Ideal, KQuantFormat, SuperGrid
+from .qx_search import make_q3_quants
 from .torch_grid import Projection
 
 # block_q3_K, 110 bytes:
@@ -76,22 +76,22 @@ class Q3_K(KQuantFormat, qtype=GGMLQuantizationType.Q3_K):
     sc_max: ClassVar[int] = 31
 
     @classmethod
-    def search(cls, blocks: np.ndarray, importance: np.ndarray | None = None) -> Ideal:
+    def search(cls, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> Ideal:
         """llama.cpp's per-sub-block scale search, before the 6-bit projection.
 
         blocks: float32 [n, 256]; importance: float32 [n, 256] imatrix of each
         column, or None (``make_q3_quants``; with it the weighted ``make_qx_quants``).
         """
-        x = as_super_blocks(blocks)
+        x = blocks.to(torch.float32).reshape(-1, QK_K)
         n = x.shape[0]
         if importance is None:
             codes, scales = make_q3_quants(x.reshape(n * 16, 16), 4)
             return Ideal(codes, scales)
         x2 = x * x
-        sigma2 = (np.float32(2) * sequential_sum(x2)) / np.float32(QK_K)
-        weight = as_super_blocks(importance) * np.sqrt(sigma2[:, None] + x2)
-        codes, scales = make_qx_quants(x.reshape(n * 16, 16), 4, weight.reshape(n * 16, 16))
-        return Ideal(codes, scales, weights=sequential_sum(weight.reshape(n * 16, 16)))
+        sigma2 = (tg.const(2.0, x) * tg.row_sum(x2)) / tg.const(float(QK_K), x)
+        weight = (importance.to(torch.float32).reshape(n, QK_K) * tg.sqrt(sigma2[:, None] + x2)).reshape(n * 16, 16)
+        codes, scales = tg.make_qx_quants(x.reshape(n * 16, 16), 4, weight)
+        return Ideal(codes, scales, weights=tg.row_sum(weight))
 
     @classmethod
     def project(cls, scales: torch.Tensor, mins: torch.Tensor | None = None,
@@ -115,19 +115,6 @@ class Q3_K(KQuantFormat, qtype=GGMLQuantizationType.Q3_K):
             sc, d = tg.make_qx_quants(s, 32, cls._sub_rows(importance))
             d = tg.f16_round(d, saturate)
         return cls._projection(d, sc)
-
-    @classmethod
-    def rtn(cls, blocks: np.ndarray, importance: np.ndarray | None = None) -> QuantBlocks:
-        """blocks: float32 [n, 256]; importance: float32 [n, 256] imatrix of each column, or None.
-
-        -> QuantBlocks of n·16 sub-blocks, byte-identical with ``ggml_quantize_chunk``.
-        Every weight is re-rounded on the final grid ``d·sc``.
-        """
-        x = as_super_blocks(blocks)
-        ideal = cls.search(x, importance)
-        p = cls.project(*ideal.tensors(), saturate=False)
-        d, sc = p.d.numpy(), p.sc.numpy()
-        return cls.blocks(torch.from_numpy(requantize(x, ideal.levels, d, sc, cls.qmin, cls.qmax)), p)
 
     @classmethod
     def pack(cls, q: QuantBlocks) -> np.ndarray:

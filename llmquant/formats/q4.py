@@ -13,10 +13,13 @@ the other side reaches only +7.
 from __future__ import annotations
 
 import numpy as np
+import torch
 from gguf import GGMLQuantizationType
 
 from . import legacy_weighted
-from .base import BlockFormat, QuantBlocks, f16_bytes, f16_exact, f16_from_bytes
+from . import torch_grid as tg
+from .base import BlockFormat, QuantBlocks, f16_bytes, f16_from_bytes
+from .torch_grid import Projection
 
 # block_q4_0, 18 bytes:                  block_q4_1, 20 bytes:
 #
@@ -48,29 +51,44 @@ def unpack_nibbles(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=1)
 
 
-def signed_extreme(x: np.ndarray) -> np.ndarray:
-    """Per row, the signed value of largest magnitude; the first one on ties.
+def signed_extreme(x: torch.Tensor) -> torch.Tensor:
+    """Per row of [n, k], the signed value of largest magnitude; the first one on ties.
 
     The reference scans with ``amax < fabsf(v)``, so of ``-a`` and ``+a`` the
     earlier wins, which is what ``argmax`` returns too.
     """
-    i = np.abs(x).argmax(axis=1)
-    return x[np.arange(x.shape[0]), i]
+    return x.gather(1, x.abs().argmax(dim=1, keepdim=True))[:, 0]
 
 
-def reciprocal(d: np.ndarray) -> np.ndarray:
-    """``d ? 1.0f/d : 0.0f`` in float32."""
-    with np.errstate(divide="ignore"):
-        return np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+def reciprocal(d: torch.Tensor) -> torch.Tensor:
+    """``d ? 1.0f/d : 0.0f`` in float32 (a true division, not ``torch.reciprocal``'s)."""
+    return tg.divide_or_zero(tg.const(1.0, d).expand_as(d), d)
 
 
-def truncate_codes(v: np.ndarray, hi: int) -> np.ndarray:
-    """``MIN(hi, (int)v)`` for v >= 0: C's float-to-int conversion truncates."""
-    return np.minimum(np.trunc(v), hi).astype(np.int16)
+def truncate_codes(v: torch.Tensor, hi: int) -> torch.Tensor:
+    """``MIN(hi, (int)v)`` for v >= 0, as int32: C's float-to-int conversion truncates."""
+    return torch.trunc(v).clamp_max_(hi).to(torch.int32)
 
 
-def as_blocks(blocks: np.ndarray, n: int) -> np.ndarray:
-    return np.asarray(blocks, dtype=np.float32).reshape(-1, n)
+def stored(d: torch.Tensor, lo: torch.Tensor | None = None) -> Projection:
+    """The reference's float32 scale (and min) [n], stored as fp16 the way llama.cpp stores it (inf past range)."""
+    return Projection(scales=tg.f16_round(d, saturate=False),
+                      mins=None if lo is None else tg.f16_round(lo, saturate=False))
+
+
+def min_rule(fmt: type[BlockFormat], x: torch.Tensor) -> tuple[torch.Tensor, Projection]:
+    """``quantize_row_q{4,5}_1_ref`` on blocks x [n, 32]: d = (max - min)/qmax, codes trunc((x - min)/d + 0.5)."""
+    lo = x.amin(dim=1)
+    d = (x.amax(dim=1) - lo) / tg.const(float(fmt.qmax), x)
+    codes = truncate_codes((x - lo[:, None]) * reciprocal(d)[:, None] + tg.const(0.5, x), fmt.qmax)
+    return codes, stored(d, lo)
+
+
+def legacy_rows(fmt: type[BlockFormat], blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+    """The float32 [n, 32] blocks of a legacy type's ``rtn_torch``, which takes no per-element importance."""
+    if importance is not None:
+        raise ValueError(f"{fmt.name}: an importance matrix weighs whole rows here (rtn_rows), not blocks")
+    return blocks.to(torch.float32).reshape(-1, fmt.block_size)
 
 
 class Q4_0(BlockFormat, qtype=GGMLQuantizationType.Q4_0):
@@ -79,14 +97,14 @@ class Q4_0(BlockFormat, qtype=GGMLQuantizationType.Q4_0):
     has_min = False
 
     @classmethod
-    def rtn(cls, blocks: np.ndarray) -> QuantBlocks:
-        x = as_blocks(blocks, cls.block_size)
-        d = signed_extreme(x) / np.float32(-8)
-        stored = truncate_codes(x * reciprocal(d)[:, None] + np.float32(8.5), 15)
-        return QuantBlocks(codes=stored - 8, scales=f16_exact(d))
+    def rtn_torch(cls, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, Projection]:
+        x = legacy_rows(cls, blocks, importance)
+        d = signed_extreme(x) / tg.const(-8.0, x)
+        q = truncate_codes(x * reciprocal(d)[:, None] + tg.const(8.5, x), 15)
+        return q - 8, stored(d)
 
     @classmethod
-    def rtn_weighted(cls, rows: np.ndarray, importance: np.ndarray) -> QuantBlocks:
+    def rtn_weighted_torch(cls, rows: torch.Tensor, importance: torch.Tensor) -> tuple[torch.Tensor, Projection]:
         return legacy_weighted.symmetric(rows, importance, 8)
 
     @classmethod
@@ -107,15 +125,11 @@ class Q4_1(BlockFormat, qtype=GGMLQuantizationType.Q4_1):
     has_min = True
 
     @classmethod
-    def rtn(cls, blocks: np.ndarray) -> QuantBlocks:
-        x = as_blocks(blocks, cls.block_size)
-        lo = x.min(axis=1)
-        d = (x.max(axis=1) - lo) / np.float32(15)
-        codes = truncate_codes((x - lo[:, None]) * reciprocal(d)[:, None] + np.float32(0.5), 15)
-        return QuantBlocks(codes=codes, scales=f16_exact(d), mins=f16_exact(lo))
+    def rtn_torch(cls, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, Projection]:
+        return min_rule(cls, legacy_rows(cls, blocks, importance))
 
     @classmethod
-    def rtn_weighted(cls, rows: np.ndarray, importance: np.ndarray) -> QuantBlocks:
+    def rtn_weighted_torch(cls, rows: torch.Tensor, importance: torch.Tensor) -> tuple[torch.Tensor, Projection]:
         return legacy_weighted.with_min(rows, importance, 15)
 
     @classmethod

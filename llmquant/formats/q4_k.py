@@ -4,7 +4,7 @@ Both types share the 12-byte packing of sixteen 6-bit integers and the same
 quantizer shape (a per-sub-block scale/min search, 6-bit levels of the
 results against the super-block maximum, one requantization pass on the
 stored grid), differing only in the code width, the search's parameters and
-one clamp. ``rtn`` follows llama.cpp operation for operation — without an
+one clamp. ``rtn_torch`` follows llama.cpp operation for operation — without an
 importance matrix ``quantize_row_q{4,5}_K_ref``, with one
 ``quantize_row_q{4,5}_K_impl`` — so that a round-to-nearest file is
 byte-identical with ``llama-quantize``'s.
@@ -21,7 +21,7 @@ from gguf import GGMLQuantizationType
 from . import torch_grid as tg
 from .base import QuantBlocks, f16_bytes, f16_from_bytes
 from .kquant import QK_K, Ideal, KQuantFormat, SuperGrid
-from .qkx_search import F32, make_qkx_quants, row_sum, rtn_with_mins
+from .qkx_search import make_qkx_quants
 from .torch_grid import Projection
 
 # The 12 scale bytes shared by q4_K and q5_K: sc[j] and m[j] (j = 0..7) are
@@ -97,28 +97,25 @@ class _Q45K(KQuantFormat):
     impl_clamps: ClassVar[bool]
 
     @classmethod
-    def search(cls, blocks: np.ndarray, importance: np.ndarray | None = None) -> Ideal:
+    def search(cls, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> Ideal:
         """llama.cpp's per-sub-block scale/min search, before the 6-bit projection.
 
         blocks: float32 [n, 256]; importance: float32 [n, 256], the imatrix of
         each super-block's columns, or None.
         """
-        x = np.asarray(blocks, dtype=F32).reshape(-1, QK_K)
+        x = blocks.to(torch.float32).reshape(-1, QK_K)
         n = x.shape[0]
         xs = x.reshape(n * 8, 32)
         if importance is None:
-            av_x = np.sqrt(row_sum((xs * xs).T) / F32(32))
-            weights = av_x[:, None] + np.abs(xs)
+            av_x = tg.sqrt(tg.row_sum(xs * xs) / tg.const(32.0, x))
+            weights = av_x[:, None] + xs.abs()
             levels, scales, the_min = make_qkx_quants(xs, weights, cls.qmax, cls.ref_rmin, 0.1, cls.ref_nstep, False)
             return Ideal(levels, scales, -the_min)
-        qw = np.asarray(importance, dtype=F32)
-        if qw.shape != x.shape:
-            raise ValueError(f"{cls.name}: importance must be [{n}, 256] like the blocks, not {qw.shape}")
-        qw = qw.reshape(n * 8, 32)
-        sigma2 = (F32(2) * row_sum((x * x).T)) / F32(QK_K)
-        weights = qw * np.sqrt(np.repeat(sigma2, 8)[:, None] + xs * xs)
+        qw = importance.to(torch.float32).reshape(n * 8, 32)
+        sigma2 = (tg.const(2.0, x) * tg.row_sum(x * x)) / tg.const(float(QK_K), x)
+        weights = qw * tg.sqrt(sigma2.repeat_interleave(8)[:, None] + xs * xs)
         levels, scales, the_min = make_qkx_quants(xs, weights, cls.qmax, -0.9, 0.05, 36, False)
-        return Ideal(levels, scales, -the_min, row_sum(weights.T))
+        return Ideal(levels, scales, -the_min, tg.row_sum(weights))
 
     @classmethod
     def project(cls, scales: torch.Tensor, mins: torch.Tensor | None = None,
@@ -148,12 +145,6 @@ class _Q45K(KQuantFormat):
                 ls, lm = torch.clamp_max(ls, 63), torch.clamp_max(lm, 63)
             d, dmin = tg.f16_round(d, saturate), tg.f16_round(dmin, saturate)
         return cls._projection(d, _k4_round_trip(ls), dmin, _k4_round_trip(lm))
-
-    @classmethod
-    def rtn(cls, blocks: np.ndarray, importance: np.ndarray | None = None) -> QuantBlocks:
-        """float32 [n, 256] (and importance float32 [n, 256], the imatrix of
-        each super-block's columns) -> QuantBlocks of n·8 sub-blocks."""
-        return rtn_with_mins(cls, blocks, importance)
 
     @classmethod
     def pack_codes(cls, codes: np.ndarray) -> np.ndarray:

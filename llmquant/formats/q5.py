@@ -8,11 +8,23 @@ is lopsided like Q4_0: the signed extreme of a block lands on code -16.
 from __future__ import annotations
 
 import numpy as np
+import torch
 from gguf import GGMLQuantizationType
 
 from . import legacy_weighted
-from .base import BlockFormat, QuantBlocks, f16_bytes, f16_exact, f16_from_bytes
-from .q4 import as_blocks, pack_nibbles, reciprocal, signed_extreme, truncate_codes, unpack_nibbles
+from . import torch_grid as tg
+from .base import BlockFormat, QuantBlocks, f16_bytes, f16_from_bytes
+from .q4 import (
+    legacy_rows,
+    min_rule,
+    pack_nibbles,
+    reciprocal,
+    signed_extreme,
+    stored,
+    truncate_codes,
+    unpack_nibbles,
+)
+from .torch_grid import Projection
 
 # block_q5_0, 22 bytes:                         block_q5_1, 24 bytes:
 #
@@ -54,14 +66,14 @@ class Q5_0(BlockFormat, qtype=GGMLQuantizationType.Q5_0):
     has_min = False
 
     @classmethod
-    def rtn(cls, blocks: np.ndarray) -> QuantBlocks:
-        x = as_blocks(blocks, cls.block_size)
-        d = signed_extreme(x) / np.float32(-16)
-        stored = truncate_codes(x * reciprocal(d)[:, None] + np.float32(16.5), 31)
-        return QuantBlocks(codes=stored - 16, scales=f16_exact(d))
+    def rtn_torch(cls, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, Projection]:
+        x = legacy_rows(cls, blocks, importance)
+        d = signed_extreme(x) / tg.const(-16.0, x)
+        q = truncate_codes(x * reciprocal(d)[:, None] + tg.const(16.5, x), 31)
+        return q - 16, stored(d)
 
     @classmethod
-    def rtn_weighted(cls, rows: np.ndarray, importance: np.ndarray) -> QuantBlocks:
+    def rtn_weighted_torch(cls, rows: torch.Tensor, importance: torch.Tensor) -> tuple[torch.Tensor, Projection]:
         return legacy_weighted.symmetric(rows, importance, 16)
 
     @classmethod
@@ -81,15 +93,11 @@ class Q5_1(BlockFormat, qtype=GGMLQuantizationType.Q5_1):
     has_min = True
 
     @classmethod
-    def rtn(cls, blocks: np.ndarray) -> QuantBlocks:
-        x = as_blocks(blocks, cls.block_size)
-        lo = x.min(axis=1)
-        d = (x.max(axis=1) - lo) / np.float32(31)
-        codes = truncate_codes((x - lo[:, None]) * reciprocal(d)[:, None] + np.float32(0.5), 31)
-        return QuantBlocks(codes=codes, scales=f16_exact(d), mins=f16_exact(lo))
+    def rtn_torch(cls, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, Projection]:
+        return min_rule(cls, legacy_rows(cls, blocks, importance))
 
     @classmethod
-    def rtn_weighted(cls, rows: np.ndarray, importance: np.ndarray) -> QuantBlocks:
+    def rtn_weighted_torch(cls, rows: torch.Tensor, importance: torch.Tensor) -> tuple[torch.Tensor, Projection]:
         return legacy_weighted.with_min(rows, importance, 31)
 
     @classmethod

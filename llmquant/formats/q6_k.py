@@ -1,6 +1,6 @@
 """Q6_K: 6-bit signed codes, 16 sub-blocks of 16 sharing an int8 scale.
 
-``rtn`` repeats llama.cpp's ``quantize_row_q6_K_ref`` (no importance matrix)
+``rtn_torch`` repeats llama.cpp's ``quantize_row_q6_K_ref`` (no importance matrix)
 and ``quantize_row_q6_K_impl`` (with one) operation for operation, so that a
 round-to-nearest q6_K file is byte-identical with ``llama-quantize``'s: each
 sub-block's scale comes from ``make_qx_quants`` (weighted by ``x²`` or by the
@@ -23,7 +23,6 @@ from gguf import GGMLQuantizationType
 from . import torch_grid as tg
 from .base import QuantBlocks, f16_bytes, f16_from_bytes
 from .kquant import QK_K, Ideal, KQuantFormat, SuperGrid
-from .qx_search import GROUP_MAX_EPS, as_super_blocks, make_qx_quants, requantize, signed_max
 from .torch_grid import Projection
 
 # block_q6_K, 210 bytes:
@@ -61,16 +60,15 @@ class Q6_K(KQuantFormat, qtype=GGMLQuantizationType.Q6_K):
     sc_max: ClassVar[int] = 127
 
     @classmethod
-    def search(cls, blocks: np.ndarray, importance: np.ndarray | None = None) -> Ideal:
+    def search(cls, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> Ideal:
         """llama.cpp's per-sub-block scale search (``make_qx_quants``, weighted by x²
         or by the imatrix column), before the int8 projection.
 
         blocks: float32 [n, 256]; importance: float32 [n, 256] imatrix of each column, or None.
         """
-        x = as_super_blocks(blocks)
-        n = x.shape[0]
-        qw = None if importance is None else as_super_blocks(importance).reshape(n * 16, 16)
-        codes, scales = make_qx_quants(x.reshape(n * 16, 16), 32, qw)
+        x = blocks.to(torch.float32).reshape(-1, 16)
+        qw = None if importance is None else importance.to(torch.float32).reshape(-1, 16)
+        codes, scales = tg.make_qx_quants(x, 32, qw)
         return Ideal(codes, scales)
 
     @classmethod
@@ -92,19 +90,12 @@ class Q6_K(KQuantFormat, qtype=GGMLQuantizationType.Q6_K):
         return cls._projection(d, torch.where(empty[:, None], 0, sc))
 
     @classmethod
-    def rtn(cls, blocks: np.ndarray, importance: np.ndarray | None = None) -> QuantBlocks:
-        """blocks: float32 [n, 256]; importance: float32 [n, 256] imatrix of each column, or None.
-
-        -> QuantBlocks of n·16 sub-blocks, byte-identical with ``ggml_quantize_chunk``.
-        """
-        x = as_super_blocks(blocks)
-        n = x.shape[0]
-        ideal = cls.search(x, importance)
-        p = cls.project(*ideal.tensors(), saturate=False)
-        codes = requantize(x, ideal.levels, p.d.numpy(), p.sc.numpy(), cls.qmin, cls.qmax)
-        empty = signed_max(ideal.scales.reshape(n, 16))[0] < GROUP_MAX_EPS
-        codes.reshape(n, QK_K)[empty] = cls.qmin
-        return cls.blocks(torch.from_numpy(codes), p)
+    def codes_on_grid(cls, x: torch.Tensor, ideal: Ideal, p: Projection) -> torch.Tensor:
+        """``KQuantFormat.codes_on_grid``, and a super-block whose ideal sub-scales are all below
+        1e-15 in magnitude is stored zeroed: codes -32 (with d = 0, sc = 0 from ``project``), C's memset."""
+        codes = super().codes_on_grid(x, ideal, p).reshape(-1, QK_K)
+        empty = tg.signed_max(ideal.scales.reshape(-1, 16))[0] < tg.GROUP_MAX_EPS
+        return torch.where(empty[:, None], cls.qmin, codes).reshape(-1, cls.sub_size)
 
     @classmethod
     def pack(cls, q: QuantBlocks) -> np.ndarray:

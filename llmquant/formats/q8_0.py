@@ -16,9 +16,13 @@ stay in [-127, 127].
 from __future__ import annotations
 
 import numpy as np
+import torch
 from gguf import GGMLQuantizationType
 
-from .base import BlockFormat, QuantBlocks, f16_bytes, f16_exact, f16_from_bytes
+from . import torch_grid as tg
+from .base import BlockFormat, QuantBlocks, f16_bytes, f16_from_bytes
+from .q4 import legacy_rows, reciprocal, stored
+from .torch_grid import Projection
 
 # block_q8_0, 34 bytes:
 #
@@ -31,15 +35,15 @@ from .base import BlockFormat, QuantBlocks, f16_bytes, f16_exact, f16_from_bytes
 #   w[j] = d * qs[j]
 
 
-def roundf(v: np.ndarray) -> np.ndarray:
-    """C ``roundf``: nearest integer, ties away from zero (not numpy's to-even).
+def roundf(v: torch.Tensor) -> torch.Tensor:
+    """C ``roundf``: nearest integer, ties away from zero (not torch's to-even).
 
     ``floor(|v| + 0.5)`` would round 0.49999997f up, so the fraction is
     split off first (the same trick ``gguf.quants.np_roundf`` uses).
     """
-    a = np.abs(v)
-    fl = np.floor(a)
-    return np.copysign(fl + np.floor(2 * (a - fl)), v)
+    a = v.abs()
+    fl = torch.floor(a)
+    return torch.copysign(fl + torch.floor((a - fl) * tg.const(2.0, a)), v)
 
 
 class Q8_0(BlockFormat, qtype=GGMLQuantizationType.Q8_0):
@@ -48,18 +52,15 @@ class Q8_0(BlockFormat, qtype=GGMLQuantizationType.Q8_0):
     has_min = False
 
     @classmethod
-    def rtn(cls, blocks: np.ndarray) -> QuantBlocks:
-        x = np.asarray(blocks, dtype=np.float32).reshape(-1, cls.block_size)
-        d = np.abs(x).max(axis=1) / np.float32(127)
-        with np.errstate(divide="ignore"):
-            inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
-        codes = roundf(x * inv[:, None]).astype(np.int16)
-        return QuantBlocks(codes=codes, scales=f16_exact(d))
+    def rtn_torch(cls, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, Projection]:
+        x = legacy_rows(cls, blocks, importance)
+        d = x.abs().amax(dim=1) / tg.const(127.0, x)
+        return roundf(x * reciprocal(d)[:, None]).to(torch.int32), stored(d)
 
     @classmethod
-    def rtn_weighted(cls, rows: np.ndarray, importance: np.ndarray) -> QuantBlocks:
+    def rtn_weighted_torch(cls, rows: torch.Tensor, importance: torch.Tensor) -> tuple[torch.Tensor, Projection]:
         """llama.cpp's ``quantize_q8_0`` ignores an importance matrix: the reference rule."""
-        return cls.rtn(rows.reshape(-1, cls.block_size))
+        return cls.rtn_torch(rows.reshape(-1, cls.block_size))
 
     @classmethod
     def pack(cls, q: QuantBlocks) -> np.ndarray:

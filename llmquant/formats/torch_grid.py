@@ -1,9 +1,10 @@
 """The grid steps in torch: fp16 rounding, ggml's integer rounding, dequantization, fake quantization.
 
 Everything here runs on whatever device its tensors are on and repeats the
-float32 operations of llama.cpp (and of the numpy ports in this package) one
-for one, so a result computed here on the CPU is bit-identical with the
-numpy one. Three rules keep it that way:
+float32 operations of llama.cpp one for one, so a result computed here is
+bit-identical with the C reference's (the k-quant and imatrix searches in
+``qkx_search``, ``qx_search`` and each format's ``search`` follow the same
+rules). These rules keep it that way:
 
 * one rounding per operation: products, sums and quotients are separate
   torch ops, never fused (no ``addcmul``, no ``torch.compile``);
@@ -11,7 +12,10 @@ numpy one. Three rules keep it that way:
   ``tensor.reciprocal() * number``, two roundings; constants are 0-dim
   tensors on the data's device (``const``), which also keeps CUDA from turning a
   division by a CPU scalar into a multiplication by its reciprocal;
-* sums that decide comparisons add left to right (``row_sum``), as C's loops.
+* sums that decide comparisons add left to right (``row_sum``, ``col_sum``), as C's loops;
+* integer codes are converted to float32 before they are multiplied, and C's
+  products are grouped left to right (``w*x*l`` is ``(w·x)·l``);
+* square roots through ``sqrt`` (torch's own is not correctly rounded on a CPU).
 
 Formats own their grids (``BlockFormat.project``); this module holds the
 shared pieces, and ``fake_quant`` that a tuning method calls every step.
@@ -19,10 +23,13 @@ shared pieces, and ``fake_quant`` that a tuning method calls every step.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+
+from ..threads import one_thread
 
 if TYPE_CHECKING:
     from .base import BlockFormat
@@ -34,6 +41,17 @@ GROUP_MAX_EPS = 1e-15
 def const(value: float, like: torch.Tensor) -> torch.Tensor:
     """A float32 0-dim constant on ``like``'s device (see the module docstring)."""
     return torch.tensor(value, dtype=torch.float32, device=like.device)
+
+
+def serial(like: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Where ``like`` is on a CPU, torch's intra-op threads set to 1 inside (``threads.one_thread``).
+
+    The searches run thousands of small dependent ops (one per element of a
+    sub-block and search step): worker threads only add a barrier to each, and
+    on a busy machine a descheduled worker stalls every one of them (10x and
+    more).
+    """
+    return one_thread() if like.device.type == "cpu" else contextlib.nullcontext()
 
 
 def f16_round(x: torch.Tensor, saturate: bool = True) -> torch.Tensor:
@@ -49,13 +67,39 @@ def f16_round(x: torch.Tensor, saturate: bool = True) -> torch.Tensor:
     return x.to(torch.float16).to(torch.float32)
 
 
+def sqrt(x: torch.Tensor) -> torch.Tensor:
+    """C's ``sqrtf``: the correctly rounded float32 square root, any device.
+
+    torch's CPU ``sqrt`` (MKL's vector one) is off by one ulp for about one value
+    in 140, in float32 and float64 alike, which flips a search's comparisons. The
+    float64 root rounded to float32 is exact all the same (a float32 square root
+    lies at least 2^-50, relative, from every midpoint between float32 values,
+    further than the float64 root's error of an ulp, 2^-52); and in case a vector
+    library is less accurate than that, one exact check moves the result to its
+    neighbour where x lies outside the squares of the midpoints to r's neighbours
+    (25-bit numbers: their squares are exact in float64).
+    """
+    x = x.to(torch.float32)
+    r = torch.sqrt(x.to(torch.float64)).to(torch.float32)
+    x64, r64 = x.to(torch.float64), r.to(torch.float64)
+    live = (x > 0) & torch.isfinite(x)
+    half = torch.tensor(0.5, dtype=torch.float64, device=x.device)
+    down = torch.nextafter(r, torch.zeros_like(r))
+    lo = (r64 + down.to(torch.float64)) * half
+    r = torch.where(live & (x64 < lo * lo), down, r)
+    r64 = r.to(torch.float64)
+    up = torch.nextafter(r, torch.full_like(r, float("inf")))
+    hi = (r64 + up.to(torch.float64)) * half
+    return torch.where(live & (x64 > hi * hi), up, r)
+
+
 def nearest_int(x: torch.Tensor) -> torch.Tensor:
     """ggml's ``nearest_int`` of float32 x (the 1.5·2^23 trick) as int32, any shape.
 
-    Round half to even for |x| <= 2^22; past that (inf, NaN) the low mantissa
+    Round half to even for x in [-2^22, 2^22); past that (inf, NaN) the low mantissa
     bits, which ggml's clamps then turn into codes, exactly as in C.
     """
-    v = x.to(torch.float32) + const(12582912.0, x)
+    v = x.to(torch.float32) + 12582912.0  # a float32 add: torch casts a scalar addend to the tensor's dtype
     return (v.view(torch.int32) & 0x007FFFFF) - 0x00400000
 
 
@@ -66,9 +110,21 @@ def int8_wrap(v: torch.Tensor) -> torch.Tensor:
 
 def row_sum(a: torch.Tensor) -> torch.Tensor:
     """Sum over the last axis left to right in float32, as a C ``for`` loop adds: [..., n] -> [...]."""
-    acc = torch.zeros(a.shape[:-1], dtype=torch.float32, device=a.device) + a[..., 0]
-    for i in range(1, a.shape[-1]):
-        acc = acc + a[..., i]
+    rows = a.to(torch.float32).reshape(-1, a.shape[-1]).t().contiguous()  # [n, M]: each step one contiguous row
+    return col_sum(rows).reshape(a.shape[:-1])
+
+
+def col_sum(a: torch.Tensor, first: bool = False) -> torch.Tensor:
+    """``row_sum``'s twin over axis -2 of ``[..., n, N]`` -> ``[..., N]``, each step one contiguous row.
+
+    C accumulates ``acc = 0; acc += a[i]``; with ``first`` it starts from
+    ``a[0]`` instead (``make_qkx2_quants``' ``sum_w = weights[0]``), which
+    differs only in the sign of an all-zero sum.
+    """
+    rows = a.unbind(-2)
+    acc = rows[0].clone() if first else torch.zeros_like(rows[0]).add_(rows[0])
+    for row in rows[1:]:
+        acc.add_(row)  # in place: one rounding all the same, no allocation per step
     return acc
 
 
@@ -211,24 +267,24 @@ def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -
 
     Starts from ``iscale = -nmax / max`` and tries the 18 neighbours
     ``-(nmax + 0.1·is) / max``, keeping the best weighted least-squares score
-    ``sumlx² / suml2``. q3_K's imatrix path projects its 16 sub-scales onto 6
-    bits with it. The same function as ``qx_search.make_qx_quants``, the numpy
-    port the sub-block searches of ``rtn`` run (numpy at the edge, where its
-    per-element loops run faster on a CPU); the tests hold the two equal bit for bit.
+    ``sumlx² / suml2``. q6_K's sub-block search and q3_K's imatrix one run it,
+    q3_K's imatrix path projects its 16 sub-scales onto 6 bits with it, and
+    q4_0/q5_0 search their block scales with it under an imatrix.
     A group whose largest magnitude is below 1e-15 gets code -nmax and scale 0.
     """
     x = x.to(torch.float32)
-    w = x * x if qw is None else qw.to(torch.float32)
-    wx = w * x
     amax, vmax = signed_max(x)
     zero = amax < GROUP_MAX_EPS
     vmax = torch.where(zero, const(1.0, x), vmax)
+    xt = x.t().contiguous()  # [n, m]: element i of every group is one contiguous row (col_sum)
+    w = xt * xt if qw is None else qw.to(torch.float32).t().contiguous()
+    wx = w * xt
 
     def trial(num: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         iscale = -num / vmax
-        codes = nearest_int(iscale[:, None] * x).clamp(-nmax, nmax - 1)
+        codes = nearest_int(iscale * xt).clamp(-nmax, nmax - 1)
         lf = codes.to(torch.float32)
-        return codes, row_sum(wx * lf), row_sum((w * lf) * lf)
+        return codes, col_sum(wx * lf), col_sum((w * lf) * lf)
 
     fmax = const(float(nmax), x)
     codes, sumlx, suml2 = trial(fmax)
@@ -239,11 +295,11 @@ def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -
             continue
         cand, sumlx, suml2 = trial(fmax + const(0.1, x) * const(float(step), x))
         take = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        codes = torch.where(take[:, None], cand, codes)
+        codes = torch.where(take, cand, codes)
         scale = torch.where(take, divide_or_zero(sumlx, suml2), scale)
         best = torch.where(take, scale * sumlx, best)
-    codes = torch.where(zero[:, None], torch.full_like(codes, -nmax), codes)
-    return codes, torch.where(zero, const(0.0, x), scale)
+    codes = torch.where(zero, -nmax, codes)
+    return codes.t().contiguous(), torch.where(zero, const(0.0, x), scale)
 
 
 class _FakeQuant(torch.autograd.Function):

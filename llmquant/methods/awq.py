@@ -225,7 +225,8 @@ def output_error(W: torch.Tensor, W_hat: torch.Tensor, G: torch.Tensor) -> float
 def rtn_error(W: torch.Tensor, s: torch.Tensor | None, fmt: type[BlockFormat], G: torch.Tensor) -> float:
     """Output error of llama.cpp's rule on W·diag(s), fed diag(1/s)·x: tr(E G Eᵀ), E = Q(Ws)/s − W."""
     Ws = W if s is None else W * s
-    Q = to_torch(fmt.dequantize(fmt.rtn(to_numpy(Ws.reshape(-1, fmt.block_size)))), W).reshape(W.shape)
+    codes, grid = fmt.rtn_torch(Ws.reshape(-1, fmt.block_size))
+    Q = fmt.dequantize_torch(codes, grid.scales, grid.mins).reshape(W.shape)
     return output_error(W, Q if s is None else Q / s, G)
 
 
@@ -252,13 +253,13 @@ def _apply(x: torch.Tensor, Gb: torch.Tensor) -> torch.Tensor:
 def _clip_candidates(w: torch.Tensor, fmt: type[BlockFormat], ratios: torch.Tensor):
     """Candidate grids d, m [K, r, nb] for blocks w [r, nb, 32]; first llama.cpp's."""
     r, nb, _ = w.shape
-    rtn = fmt.rtn(to_numpy(w.reshape(-1, GROUP)))
-    d0 = to_torch(np.asarray(rtn.scales, dtype=np.float32), w).reshape(1, r, nb)
+    _, rtn = fmt.rtn_torch(w.reshape(-1, GROUP))
+    d0 = rtn.scales.reshape(1, r, nb)
     c = ratios[:, None, None]
     if rtn.mins is None:
         ext = w.gather(-1, w.abs().argmax(-1, keepdim=True))[..., 0]
         return torch.cat([d0, _f16(ext / fmt.qmin * c), _f16(ext / fmt.qmax * c)]), None
-    m0 = to_torch(np.asarray(rtn.mins, dtype=np.float32), w).reshape(1, r, nb)
+    m0 = rtn.mins.reshape(1, r, nb)
     lo, hi = w.amin(-1), w.amax(-1)
     rng = hi - lo
     t = 1 - ratios
@@ -351,7 +352,7 @@ def grid_codes(W: torch.Tensor, G: torch.Tensor, fmt: type[BlockFormat], ratios=
         return clip_search(W, G, fmt, ratios)
     co, ci = W.shape
     h = G.diagonal().to(torch.float32).reshape(-1, fmt.block_size).repeat(co, 1)
-    return super_grid(_blocks(W.to(torch.float32), fmt.block_size), h, fmt), {}
+    return fmt.blocks(*super_grid(_blocks(W.to(torch.float32), fmt.block_size), h, fmt)), {}
 
 
 # --------------------------------------------------------------------------- the method

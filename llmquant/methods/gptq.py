@@ -31,23 +31,22 @@ block's 32 columns with it), all rows at once. llama.cpp's own grid is always
 among the candidates. K-quants: the super-block's grid is llama.cpp's own
 importance-weighted search (the path ``llama-quantize --imatrix`` takes) with
 diag(H) of the block's columns as the importance, on the current weights.
-Everything runs on the device of W and H (the CPU or a GPU); only the grids'
-llama.cpp rules (``fmt.rtn``, the k-quant searches) and the QuantBlocks
-returned cross to numpy (``edge``).
+Everything runs on the device of W and H (the CPU or a GPU), llama.cpp's own
+rules included (``fmt.rtn_torch``, the k-quant searches); only the
+QuantBlocks returned cross to numpy (``fmt.blocks``, ``edge``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ..formats.base import BlockFormat, QuantBlocks
-from ..formats.kquant import SuperGrid
+from ..formats.torch_grid import Projection
 from ..formats.torch_grid import dequantize as _dequant  # codes [..., n, g], d, m [..., n] -> weights
 from ..threads import one_thread
-from .edge import to_numpy, to_torch
+from .edge import to_numpy
 
 GROUP = 32  # block width of the legacy types, whose per-block grids the candidate search below serves
 _SCALE_STEPS = torch.linspace(0.70, 1.10, 21)  # d·s candidates, 1.0 included
@@ -125,13 +124,13 @@ def _codes(w: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, fmt: type[B
 
 
 def _candidates(
-    w: torch.Tensor, rtn: QuantBlocks, fmt: type[BlockFormat]
+    w: torch.Tensor, rtn: Projection, fmt: type[BlockFormat]
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Candidate grids around llama.cpp's: d, m [K, n] (m None for symmetric types).
 
-    w: [n, g] block weights; rtn: fmt.rtn of the same blocks.
+    w: [n, g] block weights; rtn: the grid of ``fmt.rtn_torch`` of the same blocks.
     """
-    d0 = to_torch(np.asarray(rtn.scales, dtype=np.float32), w)
+    d0 = rtn.scales
     s = _SCALE_STEPS.to(w.device)[:, None]
     if rtn.mins is None:  # the extreme at either end of the code range, times s
         ext = w.gather(1, w.abs().argmax(dim=1, keepdim=True))[:, 0]
@@ -145,7 +144,7 @@ def _candidates(
     d_c = (1 - ta - tb)[:, None] * r / fmt.qmax
     mid = lo + r / 2
     d_s = d0 * s
-    m0 = to_torch(np.asarray(rtn.mins, dtype=np.float32), w)
+    m0 = rtn.mins
     return (
         torch.cat([d0[None], d_c, d_s]),
         torch.cat([m0[None], lo_c, mid - d_s * fmt.qmax / 2]),
@@ -189,7 +188,7 @@ def _weighted_err(w, h, c, d, m) -> torch.Tensor:
 
 
 def _candidate_grids(
-    w: torch.Tensor, h: torch.Tensor, fmt: type[BlockFormat], rtn: QuantBlocks
+    w: torch.Tensor, h: torch.Tensor, fmt: type[BlockFormat], rtn: Projection
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """All fp16-exact candidate grids d, m [K, n] for blocks w [n, 32] (h: [n, 32] weights),
     each projected onto what the file stores (``fmt.project``: fp16, saturating)."""
@@ -223,7 +222,7 @@ def search_grid(
 
     w: float32 [n, 32] block weights; h: [n, 32] or [32] non-negative weights
     (e.g. diag(H) of the block's columns). Without ``scale_search`` this is
-    llama.cpp's grid (``fmt.rtn``); with it, the candidate with the least
+    llama.cpp's grid (``fmt.rtn_torch``); with it, the candidate with the least
     weighted error, never worse than llama.cpp's in that error.
     """
     if w.shape[0] > _SEARCH_CHUNK:  # bound the [K, n, 32] temporaries
@@ -233,10 +232,9 @@ def search_grid(
             for i in range(0, w.shape[0], _SEARCH_CHUNK)
         ]
         return _cat_grids(parts)
-    rtn = fmt.rtn(to_numpy(w))
+    _, rtn = fmt.rtn_torch(w)
     if not scale_search:
-        d0 = to_torch(np.asarray(rtn.scales, dtype=np.float32), w)
-        return d0, None if rtn.mins is None else to_torch(np.asarray(rtn.mins, dtype=np.float32), w)
+        return rtn.scales, rtn.mins
     h = h.to(torch.float32).expand_as(w)
     d, m = _candidate_grids(w, h, fmt, rtn)
     return _pick(d, m, _weighted_err(w, h, _codes(w, d, m, fmt), d, m))
@@ -275,17 +273,24 @@ def _quant_blocks(codes, d, m) -> QuantBlocks:
     )
 
 
+def _searched_grid(W: torch.Tensor, fmt: type[BlockFormat],
+                   hdiag: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``search_grid`` over every block of W float32 [co, ci]: blocks [co·ci/32, 32] and their d, m [co·ci/32]."""
+    co, ci = W.shape
+    wb = _blocks(W.to(torch.float32).contiguous())
+    hb = (torch.ones(ci, device=W.device) if hdiag is None else hdiag.to(torch.float32)).reshape(1, -1, GROUP)
+    with one_thread():
+        d, m = search_grid(wb, hb.expand(co, -1, -1).reshape(-1, GROUP), fmt)
+    return wb, d, m
+
+
 def rtn_search(W: torch.Tensor, fmt: type[BlockFormat], hdiag: torch.Tensor | None = None) -> QuantBlocks:
     """Round to nearest on a searched grid, without error feedback.
 
     W: float32 [co, ci]; hdiag: [ci] column weights (diag(H)), or None for plain
     squared error. Blocks in ggml order (row-major, 32 columns each).
     """
-    co, ci = W.shape
-    wb = _blocks(W.to(torch.float32).contiguous())
-    hb = (torch.ones(ci, device=W.device) if hdiag is None else hdiag.to(torch.float32)).reshape(1, -1, GROUP)
-    with one_thread():
-        d, m = search_grid(wb, hb.expand(co, -1, -1).reshape(-1, GROUP), fmt)
+    wb, d, m = _searched_grid(W, fmt, hdiag)
     return _quant_blocks(_codes(wb, d, m, fmt), d, m)
 
 
@@ -391,12 +396,14 @@ def _inverse_cholesky(H0: torch.Tensor, dead: torch.Tensor, order: torch.Tensor,
     raise HessianError(f"Hessian not positive definite even with damping {damp:g}")
 
 
-def super_grid(w: torch.Tensor, h: torch.Tensor | None, fmt: type[BlockFormat]) -> QuantBlocks:
+def super_grid(w: torch.Tensor, h: torch.Tensor | None,
+               fmt: type[BlockFormat]) -> tuple[torch.Tensor, Projection]:
     """A k-quant grid for the super-blocks w [n, 256]: llama.cpp's own search, weighted by
     h ([256] or [n, 256], e.g. diag(H) of their columns) as its imatrix path weighs columns
-    (h None: its plain rule). The codes returned are the search's; GPTQ replaces them."""
-    imp = None if h is None else np.ascontiguousarray(to_numpy(h.to(torch.float32).expand_as(w)))
-    return fmt.rtn(np.ascontiguousarray(to_numpy(w.to(torch.float32))), importance=imp)
+    (h None: its plain rule), on w's device. Returns the search's codes
+    [n·256/sub, sub] (GPTQ replaces them) and the grid (``Projection``, with d, sc, dmin, m)."""
+    imp = None if h is None else h.to(torch.float32).expand_as(w).contiguous()
+    return fmt.rtn_torch(w.to(torch.float32).contiguous(), imp)
 
 
 def _block_grid(w, h, U, fmt, scale_search: bool, search_loss: str):
@@ -409,7 +416,7 @@ def _block_grid(w, h, U, fmt, scale_search: bool, search_loss: str):
     parts = []
     for i in range(0, w.shape[0], _SEARCH_CHUNK):
         wc = w[i : i + _SEARCH_CHUNK]
-        d, m = _candidate_grids(wc, h.expand_as(wc), fmt, fmt.rtn(to_numpy(wc)))
+        d, m = _candidate_grids(wc, h.expand_as(wc), fmt, fmt.rtn_torch(wc)[1])
         parts.append(_pick(d, m, _simulate_block(wc, U, d, m, fmt)))
     return _cat_grids(parts)
 
@@ -456,22 +463,17 @@ def _walk(W, Hinv, fmt, S, M, block_cols, col_block=None, choose=None):
     return Q
 
 
-def _assemble(Q: torch.Tensor, pieces: list[QuantBlocks], fmt: type[BlockFormat], upfront: bool) -> QuantBlocks:
-    """GPTQ's codes Q [co, ci] on k-quant grids -> QuantBlocks in ggml order.
+def _joined(pieces: list[Projection], co: int) -> Projection:
+    """The k-quant grids of each 256-column range, in walk order ([co] super-blocks each), as one
+    grid in ggml order (row r, super-block s at r·nsb + s)."""
+    def cat(name: str) -> torch.Tensor | None:
+        parts = [getattr(p, name) for p in pieces]
+        if parts[0] is None:
+            return None
+        joined = torch.stack([t.reshape(co, -1) for t in parts], dim=1)  # [co, nsb, k]
+        return joined.reshape(-1) if parts[0].dim() == 1 else joined.reshape(-1, parts[0].shape[1])
 
-    pieces: one grid for the whole tensor (static groups, ``upfront``), or the
-    grids of each 256-column range in walk order ([co] super-blocks each).
-    """
-    co = Q.shape[0]
-    if upfront:
-        grid = pieces[0].grid
-    else:
-        def cat(get):  # [co, nsb, ...] -> [co·nsb, ...]: row r, super-block s at r·nsb + s
-            parts = [get(p.grid) for p in pieces]
-            return None if parts[0] is None else np.stack(parts, axis=1).reshape(co * len(parts), *parts[0].shape[1:])
-
-        grid = SuperGrid(d=cat(lambda g: g.d), sc=cat(lambda g: g.sc), dmin=cat(lambda g: g.dmin), m=cat(lambda g: g.m))
-    return fmt.make(to_numpy(Q.to(torch.int16)), grid)
+    return Projection(**{name: cat(name) for name in ("scales", "mins", "d", "sc", "dmin", "m")})
 
 
 def _rel_err(W: torch.Tensor, H: torch.Tensor, *W_hats: torch.Tensor) -> list[float]:
@@ -537,12 +539,16 @@ def gptq_quantize(
     if act_order:  # static groups: every block's grid from the original W
         perm = torch.argsort(hdiag, descending=True, stable=True)
         if two_level:
-            qb = super_grid(_blocks(W0, gw), hdiag.reshape(-1, gw).repeat(co, 1) if scale_search else None, fmt)
-            pieces = [qb]
+            _, grid = super_grid(_blocks(W0, gw), hdiag.reshape(-1, gw).repeat(co, 1) if scale_search else None, fmt)
+            pieces = [grid]
+            S, M = grid.scales, grid.mins
+        elif scale_search:
+            _, S, M = _searched_grid(W0, fmt, hdiag)
         else:
-            qb = rtn_search(W0, fmt, hdiag) if scale_search else fmt.rtn(to_numpy(_blocks(W0)))
-        S = to_torch(qb.scales, W0).reshape(co, nb)
-        M = None if qb.mins is None else to_torch(qb.mins, W0).reshape(co, nb)
+            _, grid = fmt.rtn_torch(_blocks(W0))
+            S, M = grid.scales, grid.mins
+        S = S.reshape(co, nb)
+        M = None if M is None else M.reshape(co, nb)
         col_block = (perm // sub).tolist()
     order = torch.arange(ci, device=W0.device) if perm is None else perm
     Hinv, damp = _inverse_cholesky(H0, dead, order, damp, h_scale)
@@ -550,10 +556,9 @@ def gptq_quantize(
 
     def choose(w, j, U):  # w [co, gw]: block at natural column j, as the walk finds it
         if two_level:
-            qb = super_grid(w, hdiag[j : j + gw] if scale_search else None, fmt)
-            pieces.append(qb)
-            return (to_torch(qb.scales, w).reshape(co, -1),
-                    None if qb.mins is None else to_torch(qb.mins, w).reshape(co, -1))
+            _, grid = super_grid(w, hdiag[j : j + gw] if scale_search else None, fmt)
+            pieces.append(grid)
+            return grid.scales.reshape(co, -1), None if grid.mins is None else grid.mins.reshape(co, -1)
         d, m = _block_grid(w, hdiag[j : j + gw], U, fmt, scale_search, search_loss)
         return d[:, None], None if m is None else m[:, None]
 
@@ -561,9 +566,14 @@ def gptq_quantize(
     if perm is not None:
         natural = torch.argsort(perm)
         Q, W = Q[:, natural], W[:, natural]
-    q = _assemble(Q, pieces, fmt, act_order) if two_level else _quant_blocks(Q, S, M)
-    W_hat = to_torch(fmt.dequantize(q), W0).reshape(co, ci)
-    W_rtn = to_torch(fmt.dequantize(fmt.rtn(to_numpy(_blocks(W0, gw)))), W0).reshape(co, ci)
+    if two_level:  # S, M hold the flat view of these grids
+        grid = pieces[0] if act_order else _joined(pieces, co)
+    else:
+        grid = Projection(scales=S.reshape(-1), mins=None if M is None else M.reshape(-1))
+    q = fmt.blocks(Q, grid)  # the numpy edge: what pack writes
+    W_hat = _dequant(Q.reshape(co, nb, sub), S, M).reshape(co, ci)
+    rtn_codes, rtn_grid = fmt.rtn_torch(_blocks(W0, gw))
+    W_rtn = _dequant(rtn_codes, rtn_grid.scales, rtn_grid.mins).reshape(co, ci)
     rel, rel_rtn = _rel_err(W0, H0, W_hat, W_rtn)  # ratios: the same for h_scale·H
     return GPTQResult(q=q, W_hat=W_hat, rel_err=rel, rel_err_rtn=rel_rtn, damp=damp, n_dead=int(dead.sum()),
                       rounded=W)
