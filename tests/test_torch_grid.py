@@ -455,3 +455,18 @@ def test_fake_quant_rejects_bad_shapes():
         fmt.fake_quant(torch.zeros(2, 128), torch.ones(2, 4), torch.zeros(2, 4))
     with pytest.raises(ValueError):
         fmt.fake_quant(torch.zeros(2, 256), torch.ones(2, 8))
+
+
+@pytest.mark.parametrize("name", ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"])
+def test_searches_by_chunks_of_super_blocks_give_the_same_bytes(name, monkeypatch):
+    """rtn_torch bounds its temporaries by searching a run of super-blocks at a time: the same bytes."""
+    from llmquant.formats import kquant
+
+    fmt = get_format(name)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 256, generator=g) * torch.rand(7, 1, generator=g)
+    importance = torch.rand(7, 256, generator=g)
+    whole = [fmt.pack(fmt.blocks(*fmt.rtn_torch(x, imp))) for imp in (None, importance)]
+    monkeypatch.setattr(kquant, "SEARCH_SUPERS", 3)
+    chunked = [fmt.pack(fmt.blocks(*fmt.rtn_torch(x, imp))) for imp in (None, importance)]
+    assert all(np.array_equal(a, b) for a, b in zip(whole, chunked, strict=True))

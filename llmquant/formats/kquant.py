@@ -39,9 +39,12 @@ import torch
 
 from . import torch_grid as tg
 from .base import BlockFormat, QuantBlocks, as_torch, f16_exact
-from .torch_grid import Projection, flat_view, serial
+from .torch_grid import Projection, cat_projections, flat_view, serial
 
 QK_K = 256
+# Super-blocks per search pass (1M weights): a search holds a dozen float32 temporaries the size of
+# its input, so a whole embedding row chunk at once would need several times the chunk's memory.
+SEARCH_SUPERS = 4096
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,10 @@ class KQuantFormat(BlockFormat):
             if tuple(qw.shape) != tuple(x.shape):
                 raise ValueError(f"{cls.name}: importance must be {list(x.shape)} like the blocks, "
                                  f"not {list(qw.shape)}")
+        if x.shape[0] > SEARCH_SUPERS:  # super-blocks are independent: the same bytes, bounded temporaries
+            parts = [cls.rtn_torch(x[i : i + SEARCH_SUPERS], None if qw is None else qw[i : i + SEARCH_SUPERS])
+                     for i in range(0, x.shape[0], SEARCH_SUPERS)]
+            return torch.cat([codes for codes, _ in parts]), cat_projections([p for _, p in parts])
         with serial(x):
             ideal = cls.search(x, qw)
             p = cls.project(ideal.scales, ideal.mins, ideal.weights, saturate=False)

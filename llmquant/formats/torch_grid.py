@@ -175,6 +175,15 @@ class Projection:
     m: torch.Tensor | None = None
 
 
+def cat_projections(parts: list[Projection]) -> Projection:
+    """The projections of consecutive runs of blocks (super-blocks) as one, in the same order."""
+    def cat(name: str) -> torch.Tensor | None:
+        values = [getattr(p, name) for p in parts]
+        return None if values[0] is None else torch.cat(values)
+
+    return Projection(**{name: cat(name) for name in ("scales", "mins", "d", "sc", "dmin", "m")})
+
+
 def flat_view(d: torch.Tensor, sc: torch.Tensor, dmin: torch.Tensor | None = None,
               m: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A k-quant's effective scale d·sc and min −(dmin·m) per sub-block: d [n], sc [n, k] -> [n·k] each."""
