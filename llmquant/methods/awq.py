@@ -91,7 +91,6 @@ from ..formats.torch_grid import f16_round as _f16
 from .base import LinearReport, Method
 from .edge import to_numpy, to_torch
 from .gptq import (
-    GROUP,
     HessianAccumulator,
     HessianError,
     _blocks,
@@ -236,24 +235,25 @@ def scales_for(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
     return s / (s.max() * s.min()).sqrt()
 
 
-def _diag_blocks(G: torch.Tensor) -> torch.Tensor:
-    """G [ci, ci] -> its 32×32 diagonal blocks [ci/32, 32, 32]."""
-    nb = G.shape[0] // GROUP
-    return torch.diagonal(G.reshape(nb, GROUP, nb, GROUP), dim1=0, dim2=2).permute(2, 0, 1).contiguous()
+def _diag_blocks(G: torch.Tensor, g: int) -> torch.Tensor:
+    """G [ci, ci] -> its g×g diagonal blocks [ci/g, g, g] (g: the format's block width)."""
+    nb = G.shape[0] // g
+    return torch.diagonal(G.reshape(nb, g, nb, g), dim1=0, dim2=2).permute(2, 0, 1).contiguous()
 
 
 def _apply(x: torch.Tensor, Gb: torch.Tensor) -> torch.Tensor:
     """x [..., nb, 32] @ Gb [nb, 32, 32] per block."""
     lead = x.shape[:-2]
     nb = Gb.shape[0]
-    y = torch.bmm(x.reshape(-1, nb, GROUP).transpose(0, 1), Gb)  # [nb, *, 32]
-    return y.transpose(0, 1).reshape(*lead, nb, GROUP)
+    g = Gb.shape[-1]
+    y = torch.bmm(x.reshape(-1, nb, g).transpose(0, 1), Gb)  # [nb, *, g]
+    return y.transpose(0, 1).reshape(*lead, nb, g)
 
 
 def _clip_candidates(w: torch.Tensor, fmt: type[BlockFormat], ratios: torch.Tensor):
     """Candidate grids d, m [K, r, nb] for blocks w [r, nb, 32]; first llama.cpp's."""
     r, nb, _ = w.shape
-    _, rtn = fmt.rtn_torch(w.reshape(-1, GROUP))
+    _, rtn = fmt.rtn_torch(w.reshape(-1, fmt.block_size))
     d0 = rtn.scales.reshape(1, r, nb)
     c = ratios[:, None, None]
     if rtn.mins is None:
@@ -298,14 +298,15 @@ def clip_search(W: torch.Tensor, G: torch.Tensor, fmt: type[BlockFormat], ratios
     grid differs from llama.cpp's.
     """
     co, ci = W.shape
-    if ci % GROUP or fmt.block_size != GROUP:
-        raise ValueError(f"clip search needs {GROUP}-wide blocks and ci ({ci}) a multiple of {GROUP}")
-    nb = ci // GROUP
-    Gb = _diag_blocks(G.to(torch.float32))
-    wb = W.to(torch.float32).reshape(co, nb, GROUP)
+    g = fmt.block_size
+    if ci % g or g != fmt.sub_size:
+        raise ValueError(f"clip search needs one-level blocks and ci ({ci}) a multiple of their width {g}")
+    nb = ci // g
+    Gb = _diag_blocks(G.to(torch.float32), g)
+    wb = W.to(torch.float32).reshape(co, nb, g)
     ratios_t = torch.tensor(ratios if not fmt.has_min else ratios[::2], dtype=torch.float32, device=W.device)
     n_cand = 1 + (2 * len(ratios_t) if not fmt.has_min else len(ratios_t) ** 2)
-    rows = max(1, _CHUNK // (n_cand * nb * GROUP))
+    rows = max(1, _CHUNK // (n_cand * nb * g))
     ds, ms, d0s, m0s = [], [], [], []
     for i in range(0, co, rows):
         w = wb[i : i + rows]
@@ -338,7 +339,7 @@ def clip_search(W: torch.Tensor, G: torch.Tensor, fmt: type[BlockFormat], ratios
         "clip_scale": float((d[nz] / d0[nz]).abs().mean()) if nz.any() else 1.0,
         "clip_changed": float(changed.float().mean()),
     }
-    return _quant_blocks(codes.reshape(co, ci), d, m), stats
+    return _quant_blocks(fmt, codes.reshape(co, ci), d, m), stats
 
 
 def grid_codes(W: torch.Tensor, G: torch.Tensor, fmt: type[BlockFormat], ratios=CLIP_RATIOS) -> tuple[QuantBlocks, dict]:

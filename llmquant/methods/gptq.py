@@ -46,9 +46,7 @@ from ..formats.base import BlockFormat, QuantBlocks
 from ..formats.torch_grid import Projection
 from ..formats.torch_grid import dequantize as _dequant  # codes [..., n, g], d, m [..., n] -> weights
 from ..threads import one_thread
-from .edge import to_numpy
 
-GROUP = 32  # block width of the legacy types, whose per-block grids the candidate search below serves
 _SCALE_STEPS = torch.linspace(0.70, 1.10, 21)  # d·s candidates, 1.0 included
 _SHRINK_STEPS = torch.tensor([0.0, 0.02, 0.04, 0.07, 0.10, 0.14])  # range trimmed per side (has_min)
 _REFITS = 2
@@ -257,30 +255,28 @@ def _simulate_block(w, U, d, m, fmt) -> torch.Tensor:
     return loss
 
 
-def _blocks(W: torch.Tensor, n: int = GROUP) -> torch.Tensor:
+def _blocks(W: torch.Tensor, n: int) -> torch.Tensor:
     """W [co, ci] -> [co * ci/n, n], the ggml block order (row-major)."""
     if W.shape[-1] % n:
         raise ValueError(f"input width {W.shape[-1]} is not a multiple of {n}")
     return W.reshape(-1, n)
 
 
-def _quant_blocks(codes, d, m) -> QuantBlocks:
-    """codes [co, ci], d/m [co, ci/32] (torch, any device) -> QuantBlocks in ggml order (numpy)."""
-    return QuantBlocks(
-        codes=to_numpy(codes.reshape(-1, GROUP).to(torch.int16)),
-        scales=to_numpy(d.reshape(-1).contiguous()),
-        mins=None if m is None else to_numpy(m.reshape(-1).contiguous()),
-    )
+def _quant_blocks(fmt: type[BlockFormat], codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> QuantBlocks:
+    """codes [co, ci], d/m [co, ci/block] (torch, any device) of a one-level format -> QuantBlocks in
+    ggml order: the numpy edge (``fmt.blocks``)."""
+    return fmt.blocks(codes, Projection(scales=d.reshape(-1), mins=None if m is None else m.reshape(-1)))
 
 
 def _searched_grid(W: torch.Tensor, fmt: type[BlockFormat],
                    hdiag: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``search_grid`` over every block of W float32 [co, ci]: blocks [co·ci/32, 32] and their d, m [co·ci/32]."""
     co, ci = W.shape
-    wb = _blocks(W.to(torch.float32).contiguous())
-    hb = (torch.ones(ci, device=W.device) if hdiag is None else hdiag.to(torch.float32)).reshape(1, -1, GROUP)
+    g = fmt.block_size
+    wb = _blocks(W.to(torch.float32).contiguous(), g)
+    hb = (torch.ones(ci, device=W.device) if hdiag is None else hdiag.to(torch.float32)).reshape(1, -1, g)
     with one_thread():
-        d, m = search_grid(wb, hb.expand(co, -1, -1).reshape(-1, GROUP), fmt)
+        d, m = search_grid(wb, hb.expand(co, -1, -1).reshape(-1, g), fmt)
     return wb, d, m
 
 
@@ -291,7 +287,7 @@ def rtn_search(W: torch.Tensor, fmt: type[BlockFormat], hdiag: torch.Tensor | No
     squared error. Blocks in ggml order (row-major, 32 columns each).
     """
     wb, d, m = _searched_grid(W, fmt, hdiag)
-    return _quant_blocks(_codes(wb, d, m, fmt), d, m)
+    return _quant_blocks(fmt, _codes(wb, d, m, fmt), d, m)
 
 
 # --------------------------------------------------------------------------- GPTQ
@@ -545,7 +541,7 @@ def gptq_quantize(
         elif scale_search:
             _, S, M = _searched_grid(W0, fmt, hdiag)
         else:
-            _, grid = fmt.rtn_torch(_blocks(W0))
+            _, grid = fmt.rtn_torch(_blocks(W0, gw))
             S, M = grid.scales, grid.mins
         S = S.reshape(co, nb)
         M = None if M is None else M.reshape(co, nb)
