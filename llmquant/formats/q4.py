@@ -51,15 +51,6 @@ def unpack_nibbles(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=1)
 
 
-def signed_extreme(x: torch.Tensor) -> torch.Tensor:
-    """Per row of [n, k], the signed value of largest magnitude; the first one on ties.
-
-    The reference scans with ``amax < fabsf(v)``, so of ``-a`` and ``+a`` the
-    earlier wins, which is what ``argmax`` returns too.
-    """
-    return x.gather(1, x.abs().argmax(dim=1, keepdim=True))[:, 0]
-
-
 def reciprocal(d: torch.Tensor) -> torch.Tensor:
     """``d ? 1.0f/d : 0.0f`` in float32 (a true division, not ``torch.reciprocal``'s)."""
     return tg.divide_or_zero(tg.const(1.0, d).expand_as(d), d)
@@ -99,7 +90,7 @@ class Q4_0(BlockFormat, qtype=GGMLQuantizationType.Q4_0):
     @classmethod
     def rtn_torch(cls, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, Projection]:
         x = legacy_rows(cls, blocks, importance)
-        d = signed_extreme(x) / tg.const(-8.0, x)
+        d = tg.signed_max(x)[1] / tg.const(-8.0, x)  # the signed extreme, the first on ties as C scans
         q = truncate_codes(x * reciprocal(d)[:, None] + tg.const(8.5, x), 15)
         return q - 8, stored(d)
 

@@ -19,7 +19,6 @@ from .q4 import (
     min_rule,
     pack_nibbles,
     reciprocal,
-    signed_extreme,
     stored,
     truncate_codes,
     unpack_nibbles,
@@ -68,7 +67,7 @@ class Q5_0(BlockFormat, qtype=GGMLQuantizationType.Q5_0):
     @classmethod
     def rtn_torch(cls, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, Projection]:
         x = legacy_rows(cls, blocks, importance)
-        d = signed_extreme(x) / tg.const(-16.0, x)
+        d = tg.signed_max(x)[1] / tg.const(-16.0, x)
         q = truncate_codes(x * reciprocal(d)[:, None] + tg.const(16.5, x), 31)
         return q - 16, stored(d)
 

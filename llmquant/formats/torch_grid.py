@@ -24,7 +24,7 @@ shared pieces, and ``fake_quant`` that a tuning method calls every step.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 import torch
@@ -181,7 +181,7 @@ def cat_projections(parts: list[Projection]) -> Projection:
         values = [getattr(p, name) for p in parts]
         return None if values[0] is None else torch.cat(values)
 
-    return Projection(**{name: cat(name) for name in ("scales", "mins", "d", "sc", "dmin", "m")})
+    return Projection(**{f.name: cat(f.name) for f in fields(Projection)})
 
 
 def flat_view(d: torch.Tensor, sc: torch.Tensor, dmin: torch.Tensor | None = None,

@@ -38,7 +38,7 @@ QuantBlocks returned cross to numpy (``fmt.blocks``, ``edge``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -469,7 +469,7 @@ def _joined(pieces: list[Projection], co: int) -> Projection:
         joined = torch.stack([t.reshape(co, -1) for t in parts], dim=1)  # [co, nsb, k]
         return joined.reshape(-1) if parts[0].dim() == 1 else joined.reshape(-1, parts[0].shape[1])
 
-    return Projection(**{name: cat(name) for name in ("scales", "mins", "d", "sc", "dmin", "m")})
+    return Projection(**{f.name: cat(f.name) for f in fields(Projection)})
 
 
 def _rel_err(W: torch.Tensor, H: torch.Tensor, *W_hats: torch.Tensor) -> list[float]:
