@@ -56,6 +56,8 @@ def _add_quantize(sub) -> None:
     g.add_argument("--tune-steps", type=int, default=None, help="tune methods: steps per layer (default 50)")
     g.add_argument("--tune-lr", type=float, default=None, help="tune methods: signed-gradient step of the rounding offsets, in codes (default 5e-3)")
     g.add_argument("--tune-batch", type=int, default=None, help="tune methods: calibration sequences per step (default 1)")
+    g.add_argument("--tune-target", default=None, help="tune methods: what each layer's output is fitted to: layer (the "
+                   "full-precision layer on the quantized inputs) or model (the full-precision model's output there)")
 
 
 def _add_calibration_flags(g) -> None:
@@ -74,7 +76,8 @@ def _add_calibration_flags(g) -> None:
 # method option (constructor keyword) -> (argparse dest, value from the typed flag); only typed flags are passed
 _METHOD_FLAGS = {"damp": ("damp", None), "act_order": ("act_order", None),
                  "scale_search": ("no_scale_search", lambda v: not v), "n_grid": ("awq_grid", None),
-                 "steps": ("tune_steps", None), "lr": ("tune_lr", None), "tune_batch": ("tune_batch", None)}
+                 "steps": ("tune_steps", None), "lr": ("tune_lr", None), "tune_batch": ("tune_batch", None),
+                 "target": ("tune_target", None)}
 _CALIB_FLAGS = {"samples": "calib_samples", "seqlen": "calib_seqlen", "seed": "seed",
                 "text_file": "calib_text", "dataset": "calib_dataset",
                 "source": "calib_source"}

@@ -20,9 +20,10 @@ MAX_THREADS = 1024  # more than any CPU offers; torch crashes on absurd counts (
 @dataclass(frozen=True)
 class Bound:
     flag: str  # how the CLI spells it
-    kind: type  # int, float or bool
+    kind: type  # int, float, bool or str
     low: float | None = None
     high: float | None = None
+    choices: tuple[str, ...] = ()  # a str option's values
 
 
 # by API name; method parameters without a CLI flag are named by their keyword
@@ -40,6 +41,7 @@ BOUNDS = {
     "steps": Bound("--tune-steps", int, 0, 100000),
     "lr": Bound("--tune-lr", float, 0, 1),
     "tune_batch": Bound("--tune-batch", int, 1),
+    "target": Bound("--tune-target", str, choices=("layer", "model")),
     # generate
     "max_tokens": Bound("--max-tokens", int, 1),
     "ctx": Bound("--ctx", int, 1, 1 << 20),
@@ -58,6 +60,10 @@ def check_value(name: str, value) -> None:
     if b.kind is bool:
         if not isinstance(value, bool):
             raise LlmquantError(f"{b.flag} is a switch (True or False), got {value!r}")
+        return
+    if b.kind is str:
+        if value not in b.choices:
+            raise LlmquantError(f"{b.flag} must be one of {', '.join(b.choices)}, got {value!r}")
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (b.kind is int and not isinstance(value, int)):
         raise LlmquantError(f"{b.flag} must be {'an integer' if b.kind is int else 'a number'}, got {value!r}")

@@ -160,18 +160,21 @@ class Pipeline:
         boundary is recorded so that this run can be resumed in turn.
         """
         calibrated = self.method.needs_calibration
+        fp_stream = calibrated and self.method.needs_fp_stream
         if resume is None:
             hidden = None
             for entry in self.plan.outside_layers(before=True):
                 gather = calibrated and entry.source == self.spec.embed  # layer 0's calibration inputs
                 rows = self._write_entry(entry, tokens if gather else None)
                 hidden = rows if gather else hidden
+            fp_hidden = hidden if fp_stream else None  # both streams start at the embeddings
             first = 0
         else:
-            hidden, first = resume.hidden, resume.layers_done
+            hidden, fp_hidden, first = resume.hidden, resume.fp_hidden, resume.layers_done
             self.result.reports = list(resume.reports)
         if calibrated:
             hidden = hidden.to(self.runner.device)
+            fp_hidden = None if fp_hidden is None else fp_hidden.to(self.runner.device)
             self.runner.capture_kwargs(hidden[:batch_size])
         n_layers = self.plan.n_layers
         bar = tqdm(range(n_layers), desc="layers", unit="layer", disable=not self.progress, dynamic_ncols=True,
@@ -182,7 +185,7 @@ class Pipeline:
             if calibrated:
                 with self.clock("read"):
                     weights = {e.source: self.store.get(e.source) for e in entries if e.source is not None}
-                codes, hidden = self._calibrated_layer(i, weights, hidden, batch_size)
+                codes, hidden, fp_hidden = self._calibrated_layer(i, weights, hidden, batch_size, fp_hidden)
                 for e in entries:
                     if e.source is None:
                         self._write_entry(e)
@@ -200,7 +203,7 @@ class Pipeline:
                 with self.clock("write"):
                     self.output.sync()
                     work.save(ResumePoint(i + 1, self.output.position, self.output.n_written, hidden,
-                                          self.result.reports))
+                                          self.result.reports, fp_hidden))
             self.result.layer_stages.append({"layer": i, **self.clock.since(before)})
             bar.update()
         bar.close()
@@ -223,7 +226,10 @@ class Pipeline:
             self.result.reports.append(report)
         self._write(name, W, q)
 
-    def _calibrated_layer(self, i: int, weights: dict, hidden: torch.Tensor, batch_size: int):
+    def _calibrated_layer(self, i: int, weights: dict, hidden: torch.Tensor, batch_size: int,
+                          fp_hidden: torch.Tensor | None = None):
+        """Quantize layer i; returns its codes and the next layer's inputs: the quantized stream
+        and, where the method follows it (fp_hidden given), the full-precision one."""
         clock = self.clock
         with clock("read"):
             layer = self.runner.build(i, weights)
@@ -248,6 +254,9 @@ class Pipeline:
         work = LayerWork(index=i, prefix=prefix, layer=layer, inputs=hidden, kwargs=self.runner.kwargs_for(layer),
                          formats=formats, groups=groups, batch_size=batch_size, norm_shift=self.spec.norm_shift,
                          feed=feed)
+        if fp_hidden is not None:  # before the method rounds anything: the full-precision layer
+            with clock("forward"):
+                work.targets = fp_hidden = work.outputs(fp_hidden)
         with clock("method"):
             codes = self.method.quantize_layer(work)
         self.result.reports.extend(work.reports)
@@ -257,4 +266,4 @@ class Pipeline:
         for n in weights:  # to the CPU, where encode packs them, before the layer leaves the device
             weights[n] = state[n[len(prefix):]].detach().cpu()
         self.runner.free(i)
-        return codes, out
+        return codes, out, fp_hidden

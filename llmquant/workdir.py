@@ -46,6 +46,7 @@ class ResumePoint:
     n_written: int
     hidden: torch.Tensor | None = None
     reports: list[LinearReport] = field(default_factory=list)
+    fp_hidden: torch.Tensor | None = None  # the full-precision stream, where the method follows one
 
 
 def work_dir_for(out: Path) -> Path:
@@ -149,36 +150,45 @@ class WorkDir:
         state = self._read_json(STATE)
         counts = {k: state.get(k) for k in ("layers_done", "offset", "n_written")}
         bad = [k for k, v in counts.items() if type(v) is not int or v < 0]
-        if bad or not isinstance(state.get("reports"), list) or not isinstance(state.get("hidden"), (str, type(None))):
+        streams = (state.get("hidden"), state.get("fp_hidden"))
+        if bad or not isinstance(state.get("reports"), list) or not all(isinstance(h, (str, type(None))) for h in streams):
             raise self._damaged(f"{STATE} lacks valid {', '.join(bad) or 'reports or hidden'}")
         if not self.partial.is_file() or self.partial.stat().st_size < counts["offset"]:
             raise self._damaged(f"{PARTIAL} is missing or shorter than the {counts['offset']} bytes {STATE} records")
-        hidden = None
-        if state["hidden"]:
-            try:
-                hidden = torch.load(self.path / Path(state["hidden"]).name, weights_only=True, map_location="cpu")
-            except Exception as exc:  # missing, truncated or not a tensor file: all mean "cannot continue"
-                raise self._damaged(f"{state['hidden']}: {exc}") from None
+        hidden, fp_hidden = (self._load_stream(h) for h in streams)
         try:
             reports = [LinearReport(**r) for r in state["reports"]]
         except TypeError:
             raise self._damaged(f"{STATE} holds malformed reports") from None
-        return ResumePoint(counts["layers_done"], counts["offset"], counts["n_written"], hidden, reports)
+        return ResumePoint(counts["layers_done"], counts["offset"], counts["n_written"], hidden, reports, fp_hidden)
+
+    def _load_stream(self, name: str | None) -> torch.Tensor | None:
+        if not name:
+            return None
+        try:
+            return torch.load(self.path / Path(name).name, weights_only=True, map_location="cpu")
+        except Exception as exc:  # missing, truncated or not a tensor file: all mean "cannot continue"
+            raise self._damaged(f"{name}: {exc}") from None
+
+    def _save_stream(self, stem: str, point: ResumePoint, hidden: torch.Tensor | None) -> str | None:
+        if hidden is None:
+            return None
+        name = f"{stem}-{point.layers_done:05d}.pt"
+        tmp = self.path / (name + ".tmp")
+        torch.save(hidden.cpu(), tmp)  # a CPU tensor: a run stopped on a GPU resumes anywhere
+        _fsync(tmp)
+        os.replace(tmp, self.path / name)
+        return name
 
     def save(self, point: ResumePoint) -> None:
         """Record a layer boundary. The partial file must already be synced up to point.offset."""
-        name = None
-        if point.hidden is not None:
-            name = f"hidden-{point.layers_done:05d}.pt"
-            tmp = self.path / (name + ".tmp")
-            torch.save(point.hidden.cpu(), tmp)  # a CPU tensor: a run stopped on a GPU resumes anywhere
-            _fsync(tmp)
-            os.replace(tmp, self.path / name)
+        names = (self._save_stream("hidden", point, point.hidden),
+                 self._save_stream("fp-hidden", point, point.fp_hidden))
         state = {"layers_done": point.layers_done, "offset": point.offset, "n_written": point.n_written,
-                 "hidden": name, "reports": [dataclasses.asdict(r) for r in point.reports]}
+                 "hidden": names[0], "fp_hidden": names[1], "reports": [dataclasses.asdict(r) for r in point.reports]}
         _write_json(self.path / STATE, state)
-        for old in self.path.glob("hidden-*.pt"):
-            if old.name != name:
+        for old in [*self.path.glob("hidden-*.pt"), *self.path.glob("fp-hidden-*.pt")]:
+            if old.name not in names:
                 old.unlink()
 
     @property

@@ -200,7 +200,8 @@ def method_spec(spec: str) -> tuple[str, dict]:
     """``awq+gptq+tune@steps=200@lr=0.01`` -> ("awq+gptq+tune", {"steps": 200, "lr": 0.01}).
 
     A method with options is its own series (its own rows and files); the values
-    are Python literals (numbers, True/False), checked by the method like the CLI's.
+    are Python literals (numbers, True/False) or else words (``target=model``),
+    checked by the method like the CLI's.
     """
     name, *pairs = spec.split("@")
     options = {}
@@ -208,10 +209,15 @@ def method_spec(spec: str) -> tuple[str, dict]:
         key, eq, value = pair.partition("=")
         if not eq or not key:
             raise LlmquantError(f"method option {pair!r} in {spec!r} is not KEY=VALUE")
+        if not value:
+            raise LlmquantError(f"method option {key}= in {spec!r} has no value")
         try:
             options[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            raise LlmquantError(f"method option {key}={value!r} in {spec!r} is not a number or True/False") from None
+            if not value.isidentifier():
+                raise LlmquantError(f"method option {key}={value!r} in {spec!r} is not a number, True/False "
+                                    "or a word") from None
+            options[key] = value
     return name, options
 
 

@@ -249,9 +249,12 @@ def test_method_options_are_their_own_series(bench, tmp_path, capsys):
     tuned = ours["gptq@damp=0.1@act_order=True"]
     assert tuned["job"]["method"] == "gptq" and tuned["job"]["options"] == {"damp": 0.1, "act_order": True}
     assert tuned["file"] != ours["gptq"]["file"] and bench.row_key(tuned) != bench.row_key(ours["gptq"])
+    assert bench.method_spec("awq+gptq+tune@target=model@steps=200") == ("awq+gptq+tune", {"target": "model", "steps": 200})
     for spec, expect in (("gptq@steps=3", "--tune-steps does not apply to --method gptq"),
                          ("gptq@damp=-1", "--damp must be at least 0"),
-                         ("gptq@damp", "is not KEY=VALUE"), ("gptq@damp=x", "is not a number or True/False")):
+                         ("gptq@damp", "is not KEY=VALUE"), ("gptq@damp=x", "--damp must be a number, got 'x'"),
+                         ("gptq@damp=", "has no value"), ("gptq@damp=1-", "is not a number, True/False or a word"),
+                         ("tune@target=all", "--tune-target must be one of layer, model, got 'all'")):
         assert bench.main(["--types", "q4_0", "--methods", spec, "--out-dir", str(tmp_path / "never")]) == 2
         assert expect in capsys.readouterr().err, spec
     assert not (tmp_path / "never").exists()

@@ -159,12 +159,14 @@ def test_written_file_is_checked_and_checksummed(deep, tmp_path):
 # ---------------------------------------------------------------- every registered method resumes
 
 def _method_args(method: str) -> list[str]:
+    """``method`` is a name, optionally followed by its own flags."""
     from llmquant.methods import make_method
 
-    m = make_method(method)
+    name, *flags = method.split()
+    m = make_method(name)
     calib = ["--calib-samples", "8", "--calib-seqlen", "64"] if m.needs_calibration else []
     tune = ["--tune-steps", "8"] if "steps" in m.settings() else []  # the state is per layer: a few steps show it
-    return ["--type", "q4_0", "--method", method, *calib, *tune, "--threads", "1", "--quiet"]
+    return ["--type", "q4_0", "--method", name, *calib, *tune, *flags, "--threads", "1", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -177,10 +179,12 @@ def wide(smollm2_dir, tmp_path_factory) -> Path:
 
 def _registered_methods() -> list[str]:
     """Every method, but of the tune methods only ``tune`` and ``awq+gptq+tune``: ``gptq+tune`` and
-    ``awq+tune`` differ from those only by their start method, which resumes here on its own (CI time)."""
+    ``awq+tune`` differ from those only by their start method, which resumes here on its own (CI time);
+    and tuning to the full-precision model's outputs, which carries a second stream of hidden states
+    across the layer boundary."""
     from llmquant.methods import METHODS
 
-    return [m for m in METHODS if m not in ("gptq+tune", "awq+tune")]
+    return [m for m in METHODS if m not in ("gptq+tune", "awq+tune")] + ["awq+gptq+tune --tune-target model"]
 
 
 @pytest.mark.parametrize("method", _registered_methods())

@@ -177,6 +177,46 @@ def test_tuning_that_hurts_keeps_the_start(tiny_llama, tmp_path):
     assert [name for name in tuned if tuned[name] != start[name]] == []
 
 
+class TargetsSeen(AWQGPTQTuneMethod):
+    """awq+gptq+tune that keeps each layer's targets and inputs as the pipeline handed them."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self._seen = []
+
+    def quantize_layer(self, work):
+        self._seen.append((None if work.targets is None else work.targets.clone(), work.inputs.clone()))
+        return super().quantize_layer(work)
+
+
+def test_model_target_is_the_full_precision_models_own_layer_output(tiny_llama, tmp_path):
+    """With ``target="model"`` each layer is fitted to what the unquantized HF model computes there
+    (forward hooks on transformers' own layers, fed the same calibration tokens), while its inputs
+    are the quantized stream; with ``target="layer"`` no second stream is carried."""
+    from transformers import AutoModelForCausalLM
+
+    from llmquant.calibration import calibration_tokens
+
+    method = TargetsSeen(steps=4, n_grid=5, target="model")
+    quantize(tiny_llama, tmp_path / "m.gguf", type="q4_0", method=method, calibration=CALIB, progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, torch_dtype=torch.float32).eval()
+    outs = []
+    hooks = [layer.register_forward_hook(lambda _m, _i, o: outs.append(o[0] if isinstance(o, tuple) else o))
+             for layer in hf.model.layers]
+    with torch.no_grad():
+        hf(calibration_tokens(tiny_llama, CALIB))
+    for h in hooks:
+        h.remove()
+    assert len(method._seen) == len(outs) == 2
+    for i, ((targets, _inputs), ref) in enumerate(zip(method._seen, outs, strict=True)):
+        torch.testing.assert_close(targets, ref, rtol=1e-4, atol=1e-4, msg=f"layer {i}")
+    # layer 1's inputs are the quantized layer 0's outputs, not the full-precision ones
+    assert (method._seen[1][1] - outs[0]).abs().max() > 1e-2
+    plain = TargetsSeen(steps=4, n_grid=5)
+    quantize(tiny_llama, tmp_path / "l.gguf", type="q4_0", method=plain, calibration=CALIB, progress=False)
+    assert [t for t, _ in plain._seen] == [None, None]
+
+
 def test_tune_methods_are_registered_with_their_options():
     m = make_method("awq+gptq+tune", steps=7, damp=0.02)
     assert isinstance(m, TuneMethod) and m.settings()["steps"] == 7 and m.settings()["damp"] == 0.02

@@ -46,6 +46,9 @@ class Method:
 
     name = "rtn"
     needs_calibration = False
+    # also carry the full-precision model's stream of hidden states beside the quantized one, and hand
+    # each layer its outputs there (LayerWork.targets)
+    needs_fp_stream = False
 
     def __init_subclass__(cls, method: str | None = None, **kw) -> None:
         super().__init_subclass__(**kw)

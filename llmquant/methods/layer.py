@@ -42,6 +42,9 @@ class LayerWork:
              cos/sin, mask: [1, ...], broadcast over batches), on the same device
     formats: module path of each linear to quantize -> its target format
     groups:  the true-sequential groups (only members in ``formats``), in order
+    targets: float32 [n, seq, hidden] the full-precision model's outputs of this layer (the layer
+             on the full-precision stream of inputs), given to a method that asks
+             (``Method.needs_fp_stream``), else None
     continuous: filled by ``sequential_walk`` where ``keep_continuous`` (a copy of the layer's
              weights, so only a method that asks): the continuous weights [co, ci] each linear's codes
              were rounded from (its weight after any AWQ scaling; GPTQ's error-updated weights),
@@ -59,6 +62,7 @@ class LayerWork:
     norm_shift: Callable[[str], float]
     feed: Callable  # feed(module, observe): each batch of inputs through the layer up to module's input
     reports: list = field(default_factory=list)
+    targets: torch.Tensor | None = None
     keep_continuous: bool = False
     continuous: dict[str, torch.Tensor] = field(default_factory=dict)
 

@@ -125,13 +125,19 @@ class TuneMethod(Method, method="tune"):
 
     needs_calibration = True
 
-    def __init__(self, steps: int = 50, lr: float = 5e-3, tune_batch: int = 1):
-        self.steps, self.lr, self.tune_batch = steps, lr, tune_batch
+    def __init__(self, steps: int = 50, lr: float = 5e-3, tune_batch: int = 1, target: str = "layer"):
+        self.steps, self.lr, self.tune_batch, self.target = steps, lr, tune_batch, target
         self._start = Method()
+
+    @property
+    def needs_fp_stream(self) -> bool:
+        return self.target == "model"
 
     def quantize_layer(self, work: LayerWork) -> dict[str, QuantBlocks]:
         t0 = time.perf_counter()
-        targets = work.outputs()  # the full-precision layer, before anything is rounded
+        # the full-precision model's outputs here, or the full-precision layer's on the quantized inputs
+        # (computed now, before anything is rounded)
+        targets = work.targets if self.target == "model" else work.outputs()
         work.keep_continuous = True
         start = sequential_walk(self._start, work)
         t_start = time.perf_counter() - t0
@@ -184,9 +190,9 @@ class TuneMethod(Method, method="tune"):
 class GPTQTuneMethod(TuneMethod, method="gptq+tune"):
     """Start from GPTQ's codes (its Hessian walk per linear), then tune the layer."""
 
-    def __init__(self, steps: int = 50, lr: float = 5e-3, tune_batch: int = 1, damp: float = 0.01,
-                 act_order: bool = False):
-        super().__init__(steps, lr, tune_batch)
+    def __init__(self, steps: int = 50, lr: float = 5e-3, tune_batch: int = 1, target: str = "layer",
+                 damp: float = 0.01, act_order: bool = False):
+        super().__init__(steps, lr, tune_batch, target)
         self.damp, self.act_order = damp, act_order
         self._start = GPTQMethod(damp=damp, act_order=act_order)
 
@@ -194,8 +200,9 @@ class GPTQTuneMethod(TuneMethod, method="gptq+tune"):
 class AWQTuneMethod(TuneMethod, method="awq+tune"):
     """Start from AWQ (scales folded, clip-searched codes), then tune the layer."""
 
-    def __init__(self, steps: int = 50, lr: float = 5e-3, tune_batch: int = 1, n_grid: int = 20):
-        super().__init__(steps, lr, tune_batch)
+    def __init__(self, steps: int = 50, lr: float = 5e-3, tune_batch: int = 1, target: str = "layer",
+                 n_grid: int = 20):
+        super().__init__(steps, lr, tune_batch, target)
         self.n_grid = n_grid
         self._start = AWQMethod(n_grid=n_grid)
 
@@ -203,8 +210,8 @@ class AWQTuneMethod(TuneMethod, method="awq+tune"):
 class AWQGPTQTuneMethod(TuneMethod, method="awq+gptq+tune"):
     """Start from awq+gptq, then tune the layer."""
 
-    def __init__(self, steps: int = 50, lr: float = 5e-3, tune_batch: int = 1, n_grid: int = 20,
-                 damp: float = 0.01, act_order: bool = False):
-        super().__init__(steps, lr, tune_batch)
+    def __init__(self, steps: int = 50, lr: float = 5e-3, tune_batch: int = 1, target: str = "layer",
+                 n_grid: int = 20, damp: float = 0.01, act_order: bool = False):
+        super().__init__(steps, lr, tune_batch, target)
         self.n_grid, self.damp, self.act_order = n_grid, damp, act_order
         self._start = AWQGPTQMethod(n_grid=n_grid, damp=damp, act_order=act_order)
