@@ -53,11 +53,11 @@ def _add_quantize(sub) -> None:
     g.add_argument("--no-scale-search", action="store_true",
                    help="gptq, awq+gptq: keep llama.cpp's scale rule per block")
     g.add_argument("--awq-grid", type=int, default=None, help="awq, awq+gptq: alpha grid points in [0, 1) (default 20)")
-    g.add_argument("--tune-steps", type=int, default=None, help="tune methods: steps per layer (default 50)")
-    g.add_argument("--tune-lr", type=float, default=None, help="tune methods: signed-gradient step of the rounding offsets, in codes (default 5e-3)")
+    g.add_argument("--tune-steps", type=int, default=None, help="tune methods: steps per layer (default 200)")
+    g.add_argument("--tune-lr", type=float, default=None, help="tune methods: Adam step of the rounding offsets, in codes (default 1e-2)")
     g.add_argument("--tune-batch", type=int, default=None, help="tune methods: calibration sequences per step (default 1)")
     g.add_argument("--tune-target", default=None, help="tune methods: what each layer's output is fitted to: layer (the "
-                   "full-precision layer on the quantized inputs) or model (the full-precision model's output there)")
+                   "full-precision layer on the quantized inputs) or model (the full-precision model's output there; default)")
 
 
 def _add_calibration_flags(g) -> None:

@@ -180,11 +180,11 @@ def wide(smollm2_dir, tmp_path_factory) -> Path:
 def _registered_methods() -> list[str]:
     """Every method, but of the tune methods only ``tune`` and ``awq+gptq+tune``: ``gptq+tune`` and
     ``awq+tune`` differ from those only by their start method, which resumes here on its own (CI time);
-    and tuning to the full-precision model's outputs, which carries a second stream of hidden states
-    across the layer boundary."""
+    and tuning to the full-precision layer's outputs on the quantized inputs, the other ``--tune-target``
+    (the default carries a second, full-precision stream of hidden states across the layer boundary)."""
     from llmquant.methods import METHODS
 
-    return [m for m in METHODS if m not in ("gptq+tune", "awq+tune")] + ["awq+gptq+tune --tune-target model"]
+    return [m for m in METHODS if m not in ("gptq+tune", "awq+tune")] + ["awq+gptq+tune --tune-target layer"]
 
 
 @pytest.mark.parametrize("method", _registered_methods())

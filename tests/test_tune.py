@@ -190,14 +190,14 @@ class TargetsSeen(AWQGPTQTuneMethod):
 
 
 def test_model_target_is_the_full_precision_models_own_layer_output(tiny_llama, tmp_path):
-    """With ``target="model"`` each layer is fitted to what the unquantized HF model computes there
+    """By default (``target="model"``) each layer is fitted to what the unquantized HF model computes there
     (forward hooks on transformers' own layers, fed the same calibration tokens), while its inputs
     are the quantized stream; with ``target="layer"`` no second stream is carried."""
     from transformers import AutoModelForCausalLM
 
     from llmquant.calibration import calibration_tokens
 
-    method = TargetsSeen(steps=4, n_grid=5, target="model")
+    method = TargetsSeen(steps=4, n_grid=5)  # the default
     quantize(tiny_llama, tmp_path / "m.gguf", type="q4_0", method=method, calibration=CALIB, progress=False)
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama, torch_dtype=torch.float32).eval()
     outs = []
@@ -212,7 +212,7 @@ def test_model_target_is_the_full_precision_models_own_layer_output(tiny_llama, 
         torch.testing.assert_close(targets, ref, rtol=1e-4, atol=1e-4, msg=f"layer {i}")
     # layer 1's inputs are the quantized layer 0's outputs, not the full-precision ones
     assert (method._seen[1][1] - outs[0]).abs().max() > 1e-2
-    plain = TargetsSeen(steps=4, n_grid=5)
+    plain = TargetsSeen(steps=4, n_grid=5, target="layer")
     quantize(tiny_llama, tmp_path / "l.gguf", type="q4_0", method=plain, calibration=CALIB, progress=False)
     assert [t for t, _ in plain._seen] == [None, None]
 

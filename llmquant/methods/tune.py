@@ -2,11 +2,18 @@
 
 Per decoder layer, after a start method (rtn, gptq, awq or awq+gptq) has
 chosen codes for every linear, tune them all together against the
-full-precision layer:
+full-precision model:
 
-    min over V, α, β of  ‖layer(X; Q(W)) − layer_fp(X)‖²,
+    min over V, α, β of  ‖layer(X; Q(W)) − Y‖²,
     Q(W) = fake_quant(B + V·s₀, α·s₀, β·m₀)
 
+* ``X`` [n, seq, hidden] are the layer's inputs in the quantized stream (the
+  previous layers as the file holds them); ``Y`` is the full-precision
+  model's own output of this layer (``target="model"``: its layers on the
+  unquantized stream, which the pipeline carries beside the quantized one),
+  so each layer also makes up for what the layers before it lost; or
+  ``target="layer"``: the full-precision layer on the same ``X``, the
+  per-layer objective GPTQ and AWQ minimize per linear;
 * ``B`` is where each weight starts: its continuous value (after any AWQ
   scaling) where that rounds to the start code on the start grid, else the
   start code's grid point (GPTQ's codes are not nearest codes of the
@@ -19,12 +26,10 @@ full-precision layer:
   start's fp16 super-scales, which stay);
 * the forward uses exactly the weights the file will hold (``fake_quant``),
   the gradient passes the rounding straight through (STE);
-* signed gradient descent (AutoRound's optimizer), lr (the multipliers a
-  tenth of it) decayed linearly to 0,
-  on random batches of the calibration sequences; inputs are the quantized
-  stream (the previous layers as the file holds them) and the target is the
-  full-precision layer on those same inputs, the objective GPTQ and AWQ
-  minimize per linear, here for the whole layer through its nonlinearities.
+* Adam on random batches of the calibration sequences, lr (the multipliers
+  a tenth of it) decayed linearly to 0. The target, the optimizer (Adam
+  over AutoRound's signed gradient descent), the steps and the lr were
+  chosen by measurement (docs/benchmarks.md, Tuning).
 
 Keep best: the tuned codes replace the start ones only where they lower the
 layer's output error on *all* calibration inputs, so tuning never leaves a
@@ -67,9 +72,6 @@ class _Linear:
     V: torch.Tensor
     alpha: torch.Tensor
     beta: torch.Tensor | None
-
-    def params(self) -> list[torch.Tensor]:
-        return [p for p in (self.V, self.alpha, self.beta) if p is not None]
 
     def latent(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         co = self.base.shape[0]
@@ -125,7 +127,7 @@ class TuneMethod(Method, method="tune"):
 
     needs_calibration = True
 
-    def __init__(self, steps: int = 50, lr: float = 5e-3, tune_batch: int = 1, target: str = "layer"):
+    def __init__(self, steps: int = 200, lr: float = 1e-2, tune_batch: int = 1, target: str = "model"):
         self.steps, self.lr, self.tune_batch, self.target = steps, lr, tune_batch, target
         self._start = Method()
 
@@ -144,26 +146,28 @@ class TuneMethod(Method, method="tune"):
         state = {rel: _start_state(fmt, start[work.name(rel)], work.continuous[rel])
                  for rel, fmt in work.formats.items() if work.name(rel) in start}
         err_start = float(_mse(work.outputs(), targets))  # the walk left the layer on the start codes
-        params = [p for st in state.values() for p in st.params()]
+        opt = torch.optim.Adam([
+            {"params": [st.V for st in state.values()], "lr": self.lr},
+            {"params": [p for st in state.values() for p in (st.alpha, st.beta) if p is not None],
+             "lr": self.lr * SCALE_LR_RATIO}])
+        decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 - k / self.steps)
         gen = torch.Generator().manual_seed(work.index)  # on the CPU: the same batches on every device
         n = work.inputs.shape[0]
         batch = min(self.tune_batch, n)
         losses = []
-        for step in range(self.steps):
+        for _ in range(self.steps):
             idx = torch.randperm(n, generator=gen, device="cpu")[:batch].to(work.inputs.device)
             loss = _mse(work.forward(work.inputs[idx], {rel: st.weights() for rel, st in state.items()}),
                         targets[idx])
-            for p in params:
-                p.grad = None
+            opt.zero_grad(set_to_none=True)
             loss.backward()
-            lr = self.lr * (1.0 - step / self.steps)
+            opt.step()
+            decay.step()
             with torch.no_grad():
                 for st in state.values():
-                    st.V -= lr * st.V.grad.sign()
                     st.V.clamp_(-OFFSET_BOUND, OFFSET_BOUND)
                     for p in (st.alpha, st.beta):
                         if p is not None:
-                            p -= (lr * SCALE_LR_RATIO) * p.grad.sign()
                             p.clamp_(*MULT_BOUNDS)
             losses.append(float(loss.detach()))
         with torch.no_grad():
@@ -190,7 +194,7 @@ class TuneMethod(Method, method="tune"):
 class GPTQTuneMethod(TuneMethod, method="gptq+tune"):
     """Start from GPTQ's codes (its Hessian walk per linear), then tune the layer."""
 
-    def __init__(self, steps: int = 50, lr: float = 5e-3, tune_batch: int = 1, target: str = "layer",
+    def __init__(self, steps: int = 200, lr: float = 1e-2, tune_batch: int = 1, target: str = "model",
                  damp: float = 0.01, act_order: bool = False):
         super().__init__(steps, lr, tune_batch, target)
         self.damp, self.act_order = damp, act_order
@@ -200,7 +204,7 @@ class GPTQTuneMethod(TuneMethod, method="gptq+tune"):
 class AWQTuneMethod(TuneMethod, method="awq+tune"):
     """Start from AWQ (scales folded, clip-searched codes), then tune the layer."""
 
-    def __init__(self, steps: int = 50, lr: float = 5e-3, tune_batch: int = 1, target: str = "layer",
+    def __init__(self, steps: int = 200, lr: float = 1e-2, tune_batch: int = 1, target: str = "model",
                  n_grid: int = 20):
         super().__init__(steps, lr, tune_batch, target)
         self.n_grid = n_grid
@@ -210,7 +214,7 @@ class AWQTuneMethod(TuneMethod, method="awq+tune"):
 class AWQGPTQTuneMethod(TuneMethod, method="awq+gptq+tune"):
     """Start from awq+gptq, then tune the layer."""
 
-    def __init__(self, steps: int = 50, lr: float = 5e-3, tune_batch: int = 1, target: str = "layer",
+    def __init__(self, steps: int = 200, lr: float = 1e-2, tune_batch: int = 1, target: str = "model",
                  n_grid: int = 20, damp: float = 0.01, act_order: bool = False):
         super().__init__(steps, lr, tune_batch, target)
         self.n_grid, self.damp, self.act_order = n_grid, damp, act_order
