@@ -811,6 +811,19 @@ def test_numeric_option_out_of_range(opt, value, method, tiny, tmp_path, capsys)
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(("method", "value", "expect"), [
+    ("awq+gptq+tune", "everything", "error: --tune-target must be one of layer, model, got 'everything'"),
+    ("gptq", "model", "error: --tune-target does not apply to --method gptq"),
+])
+def test_word_option_outside_its_choices(method, value, expect, tiny, tmp_path, capsys):
+    from llmquant.cli import main
+
+    rc = main(["quantize", str(tiny), "--out", str(tmp_path / "m.gguf"), "--method", method, "--tune-target", value])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith(expect), err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_method_in_any_case(tiny, tmp_path):
     """--method RTN is --method rtn, as --type Q8_0 is q8_0."""
     proc = cli("quantize", str(tiny), "--out", str(tmp_path / "m.gguf"), "--method", "RTN", "--type", "Q8_0",
