@@ -170,10 +170,10 @@ class WorkDir:
         except Exception as exc:  # missing, truncated or not a tensor file: all mean "cannot continue"
             raise self._damaged(f"{name}: {exc}") from None
 
-    def _save_stream(self, stem: str, point: ResumePoint, hidden: torch.Tensor | None) -> str | None:
+    def _save_stream(self, stem: str, layers_done: int, hidden: torch.Tensor | None) -> str | None:
         if hidden is None:
             return None
-        name = f"{stem}-{point.layers_done:05d}.pt"
+        name = f"{stem}-{layers_done:05d}.pt"
         tmp = self.path / (name + ".tmp")
         torch.save(hidden.cpu(), tmp)  # a CPU tensor: a run stopped on a GPU resumes anywhere
         _fsync(tmp)
@@ -182,8 +182,8 @@ class WorkDir:
 
     def save(self, point: ResumePoint) -> None:
         """Record a layer boundary. The partial file must already be synced up to point.offset."""
-        names = (self._save_stream("hidden", point, point.hidden),
-                 self._save_stream("fp-hidden", point, point.fp_hidden))
+        names = (self._save_stream("hidden", point.layers_done, point.hidden),
+                 self._save_stream("fp-hidden", point.layers_done, point.fp_hidden))
         state = {"layers_done": point.layers_done, "offset": point.offset, "n_written": point.n_written,
                  "hidden": names[0], "fp_hidden": names[1], "reports": [dataclasses.asdict(r) for r in point.reports]}
         _write_json(self.path / STATE, state)

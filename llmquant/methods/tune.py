@@ -139,7 +139,7 @@ class TuneMethod(Method, method="tune"):
         t0 = time.perf_counter()
         # the full-precision model's outputs here, or the full-precision layer's on the quantized inputs
         # (computed now, before anything is rounded)
-        targets = work.targets if self.target == "model" else work.outputs()
+        targets = work.targets if self.needs_fp_stream else work.outputs()
         work.keep_continuous = True
         start = sequential_walk(self._start, work)
         t_start = time.perf_counter() - t0
