@@ -58,6 +58,8 @@ def _add_quantize(sub) -> None:
     g.add_argument("--tune-batch", type=int, default=None, help="tune methods: calibration sequences per step (default 1)")
     g.add_argument("--tune-target", default=None, help="tune methods: what each layer's output is fitted to: layer (the "
                    "full-precision layer on the quantized inputs) or model (the full-precision model's output there; default)")
+    g.add_argument("--tune-loss", default=None, help="tune methods: normed (each token's squared error over its mean "
+                   "square, as the next norm sees it; default) or hidden (the plain squared error of each layer's output)")
 
 
 def _add_calibration_flags(g) -> None:
@@ -77,7 +79,7 @@ def _add_calibration_flags(g) -> None:
 _METHOD_FLAGS = {"damp": ("damp", None), "act_order": ("act_order", None),
                  "scale_search": ("no_scale_search", lambda v: not v), "n_grid": ("awq_grid", None),
                  "steps": ("tune_steps", None), "lr": ("tune_lr", None), "tune_batch": ("tune_batch", None),
-                 "target": ("tune_target", None)}
+                 "target": ("tune_target", None), "loss": ("tune_loss", None)}
 _CALIB_FLAGS = {"samples": "calib_samples", "seqlen": "calib_seqlen", "seed": "seed",
                 "text_file": "calib_text", "dataset": "calib_dataset",
                 "source": "calib_source"}

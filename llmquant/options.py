@@ -42,6 +42,7 @@ BOUNDS = {
     "lr": Bound("--tune-lr", float, 0, 1),
     "tune_batch": Bound("--tune-batch", int, 1),
     "target": Bound("--tune-target", str, choices=("layer", "model")),
+    "loss": Bound("--tune-loss", str, choices=("normed", "hidden")),
     # generate
     "max_tokens": Bound("--max-tokens", int, 1),
     "ctx": Bound("--ctx", int, 1, 1 << 20),

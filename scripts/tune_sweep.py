@@ -7,8 +7,11 @@ For each method (``METHOD@KEY=VALUE[@...]``, as scripts/benchmark.py takes
 them) quantizes the first ``--layers`` decoder layers and prints, per layer,
 the mean squared distance of the quantized stream's hidden states from the
 full-precision model's own (both streams carried by the pipeline, whatever
-the method). That distance after the last layer swept is the figure to
-compare: it is what the rest of the model inherits. A stand-in for the
+the method): plain (``hidden``) and with each token over its mean square
+(``normed``, as the next layer's norm sees it; the tune methods' ``loss``
+option names the same two). ``--distance`` picks the one the table shows.
+That distance after the last layer swept is the figure to compare: it is
+what the rest of the model inherits. A stand-in for the
 end-to-end KLD (scripts/benchmark.py) at a fraction of the cost, used to
 choose the tune methods' defaults (docs/benchmarks.md, Tuning). Writes
 sweep.json in --out-dir.
@@ -28,6 +31,7 @@ from benchmark import method_spec
 import llmquant
 from llmquant.errors import LlmquantError
 from llmquant.methods import make_method
+from llmquant.methods.tune import LOSSES, output_error, token_weights
 from llmquant.options import check_method_options
 
 
@@ -48,10 +52,12 @@ def sweep_method(model: str | None, spec: str, qtype: str, layers: int, calib: l
     def watched(work):
         t0 = time.perf_counter()
         codes = quantize_layer(work)
-        err = float((work.outputs() - work.targets).pow(2).mean())
+        out = work.outputs()
+        err = {f"{loss}_vs_model": float(output_error(out, work.targets, token_weights(work.targets, loss)))
+               for loss in LOSSES}
         tune = (work.reports[0].extra.get("tune", {}) if work.reports else {})
-        rows.append({"layer": work.index, "err_vs_model": err, "seconds": time.perf_counter() - t0, **tune})
-        print(f"[sweep] {spec} layer {work.index}: {err:.6g}", flush=True)
+        rows.append({"layer": work.index, **err, "seconds": time.perf_counter() - t0, **tune})
+        print(f"[sweep] {spec} layer {work.index}: " + ", ".join(f"{k} {v:.6g}" for k, v in err.items()), flush=True)
         if work.index + 1 >= layers:
             raise _Enough
         return codes
@@ -76,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=6, help="decoder layers to sweep (6)")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (32)")
     p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (512)")
+    p.add_argument("--distance", choices=LOSSES, default="normed",
+                   help="the distance the table shows: normed (each token over its mean square) or hidden (default: normed)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1)")
     p.add_argument("--out-dir", type=Path, default=Path("bench-sweep"), help="where sweep.json goes (bench-sweep)")
     args = p.parse_args(argv)
@@ -96,10 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     (args.out_dir / "sweep.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                          "results": results}, indent=1))
     width = max(len(s) for s in specs)
-    print(f"\n| {'method':<{width}} | " + " | ".join(f"layer {i}" for i in range(args.layers)) + " | seconds |")
+    print(f"\n{args.distance} distance from the full-precision model after each layer")
+    print(f"| {'method':<{width}} | " + " | ".join(f"layer {i}" for i in range(args.layers)) + " | seconds |")
     print(f"|{'-' * (width + 2)}|" + "---|" * (args.layers + 1))
     for spec, rows in results.items():
-        print(f"| {spec:<{width}} | " + " | ".join(f"{r['err_vs_model']:.4g}" for r in rows)
+        print(f"| {spec:<{width}} | " + " | ".join(f"{r[args.distance + '_vs_model']:.4g}" for r in rows)
               + f" | {sum(r['seconds'] for r in rows):.0f} |")
     return 0
 

@@ -814,11 +814,14 @@ def test_numeric_option_out_of_range(opt, value, method, tiny, tmp_path, capsys)
 @pytest.mark.parametrize(("method", "value", "expect"), [
     ("awq+gptq+tune", "everything", "error: --tune-target must be one of layer, model, got 'everything'"),
     ("gptq", "model", "error: --tune-target does not apply to --method gptq"),
+    ("tune", "kld", "error: --tune-loss must be one of normed, hidden, got 'kld'"),
+    ("awq", "normed", "error: --tune-loss does not apply to --method awq"),
 ])
 def test_word_option_outside_its_choices(method, value, expect, tiny, tmp_path, capsys):
     from llmquant.cli import main
 
-    rc = main(["quantize", str(tiny), "--out", str(tmp_path / "m.gguf"), "--method", method, "--tune-target", value])
+    flag = expect.split()[1]
+    rc = main(["quantize", str(tiny), "--out", str(tmp_path / "m.gguf"), "--method", method, flag, value])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and err.startswith(expect), err
     assert list(tmp_path.iterdir()) == []

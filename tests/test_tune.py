@@ -15,7 +15,7 @@ from llmquant import CalibrationConfig, quantize
 from llmquant.formats import get_format
 from llmquant.generate import generate
 from llmquant.methods import make_method
-from llmquant.methods.tune import AWQGPTQTuneMethod, TuneMethod, _start_state
+from llmquant.methods.tune import AWQGPTQTuneMethod, TuneMethod, _start_state, output_error, token_weights
 
 CALIB = CalibrationConfig(samples=8, seqlen=64)
 
@@ -153,10 +153,11 @@ def _tensor_bytes(path):
     return {t.name: bytes(np.asarray(t.data).view(np.uint8).tobytes()) for t in gguf.GGUFReader(path).tensors}
 
 
-def test_tuning_that_hurts_keeps_the_start(tiny_llama, tmp_path):
+@pytest.mark.parametrize("loss", ["hidden", "normed"])
+def test_tuning_that_hurts_keeps_the_start(loss, tiny_llama, tmp_path):
     """A step size far too large wrecks the iterate: every layer keeps its start, so the file holds
-    exactly what the start method (rtn) writes."""
-    method = make_method("tune", steps=3, lr=1.0)
+    exactly what the start method (rtn) writes, whichever error the tuning measures."""
+    method = make_method("tune", steps=3, lr=1.0, loss=loss)
     seen = []
     orig = method.quantize_layer
 
@@ -215,6 +216,30 @@ def test_model_target_is_the_full_precision_models_own_layer_output(tiny_llama, 
     plain = TargetsSeen(steps=4, n_grid=5, target="layer")
     quantize(tiny_llama, tmp_path / "l.gguf", type="q4_0", method=plain, calibration=CALIB, progress=False)
     assert [t for t, _ in plain._seen] == [None, None]
+
+
+def test_normed_loss_weighs_each_token_as_the_next_norm_sees_it():
+    """A token with massive activations (the attention sink) and the same relative error as the others
+    dominates the plain hidden-state error, but counts as one token of many under ``normed``; and
+    ``normed`` is unchanged when one token's output and target are scaled together, as RMSNorm is."""
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randn(2, 16, 32, generator=gen)
+    y[:, 0] *= 1000.0
+    out = y * (1 + 0.01 * torch.randn(y.shape, generator=gen))
+    share = {}
+    for loss in ("hidden", "normed"):
+        w = token_weights(y, loss)
+        per_token = torch.stack([output_error(out[:, t:t + 1], y[:, t:t + 1], None if w is None else w[:, t:t + 1])
+                                 for t in range(16)])
+        share[loss] = float(per_token[0] / per_token.sum())
+        torch.testing.assert_close(output_error(out, y, w), per_token.mean())
+    assert share["hidden"] > 0.99 and share["normed"] < 0.2, share
+    scaled_y, scaled_out = y.clone(), out.clone()
+    scaled_y[1, 5] *= 37.0
+    scaled_out[1, 5] *= 37.0
+    w, ws = token_weights(y, "normed"), token_weights(scaled_y, "normed")
+    torch.testing.assert_close(output_error(scaled_out, scaled_y, ws), output_error(out, y, w))
+    assert not torch.allclose(output_error(scaled_out, scaled_y, None), output_error(out, y, None))
 
 
 def test_tune_methods_are_registered_with_their_options():

@@ -4,7 +4,7 @@ Per decoder layer, after a start method (rtn, gptq, awq or awq+gptq) has
 chosen codes for every linear, tune them all together against the
 full-precision model:
 
-    min over V, α, β of  ‖layer(X; Q(W)) − Y‖²,
+    min over V, α, β of  Σ_t ‖layer(X; Q(W))_t − Y_t‖² / mean(Y_t²),
     Q(W) = fake_quant(B + V·s₀, α·s₀, β·m₀)
 
 * ``X`` [n, seq, hidden] are the layer's inputs in the quantized stream (the
@@ -24,12 +24,15 @@ full-precision model:
   start scale and min, then the format projects them onto what the file
   stores (``project_under``: fp16; a k-quant's integer sub-scales under the
   start's fp16 super-scales, which stay);
+* each token t's error is over its mean square in the target
+  (``loss="normed"``: as the next norm sees it, ``token_weights``), or plain
+  (``loss="hidden"``);
 * the forward uses exactly the weights the file will hold (``fake_quant``),
   the gradient passes the rounding straight through (STE);
 * Adam on random batches of the calibration sequences, lr (the multipliers
-  a tenth of it) decayed linearly to 0. The target, the optimizer (Adam
-  over AutoRound's signed gradient descent), the steps and the lr were
-  chosen by measurement (docs/benchmarks.md, Tuning).
+  a tenth of it) decayed linearly to 0. The target, the loss, the optimizer
+  (Adam over AutoRound's signed gradient descent), the steps and the lr
+  were chosen by measurement (docs/benchmarks.md, Tuning).
 
 Keep best: the tuned codes replace the start ones only where they lower the
 layer's output error on *all* calibration inputs, so tuning never leaves a
@@ -118,8 +121,28 @@ def _start_state(fmt: type[BlockFormat], q: QuantBlocks, W: torch.Tensor) -> _Li
                    beta=None if m0 is None else torch.ones_like(m0, requires_grad=True))
 
 
-def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a - b).pow(2).mean()
+LOSSES = ("normed", "hidden")
+
+
+def token_weights(targets: torch.Tensor, loss: str) -> torch.Tensor | None:
+    """Per-token weights [n, seq, 1] of the squared output error, or None for the plain mean.
+
+    ``normed`` divides each token's error by that token's mean square in the
+    target: every reader of the residual stream (the next layer's input norms,
+    the final norm before the head) divides a token by its RMS, so this is
+    the error as they see it. The plain ``hidden`` MSE is instead dominated by
+    the few tokens with massive activations (the attention sink at position 0
+    in many models), whose exact value the normed readers barely notice.
+    """
+    if loss == "hidden":
+        return None
+    return 1.0 / targets.pow(2).mean(-1, keepdim=True).clamp_min(torch.finfo(targets.dtype).tiny)
+
+
+def output_error(out: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error of layer outputs [n, seq, hidden], each token weighted by ``token_weights``."""
+    sq = (out - targets).pow(2)
+    return sq.mean() if weights is None else (sq * weights).mean()
 
 
 class TuneMethod(Method, method="tune"):
@@ -127,8 +150,9 @@ class TuneMethod(Method, method="tune"):
 
     needs_calibration = True
 
-    def __init__(self, steps: int = 200, lr: float = 1e-2, tune_batch: int = 1, target: str = "model"):
-        self.steps, self.lr, self.tune_batch, self.target = steps, lr, tune_batch, target
+    def __init__(self, steps: int = 200, lr: float = 1e-2, tune_batch: int = 1, target: str = "model",
+                 loss: str = "normed"):
+        self.steps, self.lr, self.tune_batch, self.target, self.loss = steps, lr, tune_batch, target, loss
         self._start = Method()
 
     @property
@@ -145,7 +169,8 @@ class TuneMethod(Method, method="tune"):
         t_start = time.perf_counter() - t0
         state = {rel: _start_state(fmt, start[work.name(rel)], work.continuous[rel])
                  for rel, fmt in work.formats.items() if work.name(rel) in start}
-        err_start = float(_mse(work.outputs(), targets))  # the walk left the layer on the start codes
+        w = token_weights(targets, self.loss)
+        err_start = float(output_error(work.outputs(), targets, w))  # the walk left the layer on the start codes
         opt = torch.optim.Adam([
             {"params": [st.V for st in state.values()], "lr": self.lr},
             {"params": [p for st in state.values() for p in (st.alpha, st.beta) if p is not None],
@@ -157,8 +182,8 @@ class TuneMethod(Method, method="tune"):
         losses = []
         for _ in range(self.steps):
             idx = torch.randperm(n, generator=gen, device="cpu")[:batch].to(work.inputs.device)
-            loss = _mse(work.forward(work.inputs[idx], {rel: st.weights() for rel, st in state.items()}),
-                        targets[idx])
+            loss = output_error(work.forward(work.inputs[idx], {rel: st.weights() for rel, st in state.items()}),
+                                targets[idx], None if w is None else w[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -174,7 +199,7 @@ class TuneMethod(Method, method="tune"):
             tuned = {rel: st.blocks() for rel, st in state.items()}
             tuned_w = {rel: to_torch(st.fmt.dequantize(tuned[rel]), st.base).reshape(st.base.shape[0], -1)
                        for rel, st in state.items()}
-            err_tuned = float(_mse(work.outputs(weights=tuned_w), targets))
+            err_tuned = float(output_error(work.outputs(weights=tuned_w), targets, w))
         keep = err_tuned < err_start
         codes = dict(start)
         if keep:  # else the layer computes with the start codes already
@@ -195,8 +220,8 @@ class GPTQTuneMethod(TuneMethod, method="gptq+tune"):
     """Start from GPTQ's codes (its Hessian walk per linear), then tune the layer."""
 
     def __init__(self, steps: int = 200, lr: float = 1e-2, tune_batch: int = 1, target: str = "model",
-                 damp: float = 0.01, act_order: bool = False):
-        super().__init__(steps, lr, tune_batch, target)
+                 loss: str = "normed", damp: float = 0.01, act_order: bool = False):
+        super().__init__(steps, lr, tune_batch, target, loss)
         self.damp, self.act_order = damp, act_order
         self._start = GPTQMethod(damp=damp, act_order=act_order)
 
@@ -205,8 +230,8 @@ class AWQTuneMethod(TuneMethod, method="awq+tune"):
     """Start from AWQ (scales folded, clip-searched codes), then tune the layer."""
 
     def __init__(self, steps: int = 200, lr: float = 1e-2, tune_batch: int = 1, target: str = "model",
-                 n_grid: int = 20):
-        super().__init__(steps, lr, tune_batch, target)
+                 loss: str = "normed", n_grid: int = 20):
+        super().__init__(steps, lr, tune_batch, target, loss)
         self.n_grid = n_grid
         self._start = AWQMethod(n_grid=n_grid)
 
@@ -215,7 +240,7 @@ class AWQGPTQTuneMethod(TuneMethod, method="awq+gptq+tune"):
     """Start from awq+gptq, then tune the layer."""
 
     def __init__(self, steps: int = 200, lr: float = 1e-2, tune_batch: int = 1, target: str = "model",
-                 n_grid: int = 20, damp: float = 0.01, act_order: bool = False):
-        super().__init__(steps, lr, tune_batch, target)
+                 loss: str = "normed", n_grid: int = 20, damp: float = 0.01, act_order: bool = False):
+        super().__init__(steps, lr, tune_batch, target, loss)
         self.n_grid, self.damp, self.act_order = n_grid, damp, act_order
         self._start = AWQGPTQMethod(n_grid=n_grid, damp=damp, act_order=act_order)
