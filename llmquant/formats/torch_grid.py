@@ -289,25 +289,28 @@ def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -
     w = xt * xt if qw is None else qw.to(torch.float32).t().contiguous()
     wx = w * xt
 
-    def trial(num: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        iscale = -num / vmax
-        codes = nearest_int(iscale * xt).clamp(-nmax, nmax - 1)
-        lf = codes.to(torch.float32)
-        return codes, col_sum(wx * lf), col_sum((w * lf) * lf)
+    def codes_at(num: torch.Tensor) -> torch.Tensor:
+        return nearest_int((-num / vmax) * xt).clamp_(-nmax, nmax - 1)
+
+    def trial(num: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lf = codes_at(num).to(torch.float32)
+        return col_sum(wx * lf), col_sum((w * lf).mul_(lf))
 
     fmax = const(float(nmax), x)
-    codes, sumlx, suml2 = trial(fmax)
+    sumlx, suml2 = trial(fmax)
     scale = divide_or_zero(sumlx, suml2)
     best = scale * sumlx
+    num = fmax.expand_as(vmax)  # each group's winning numerator; its codes are computed once, at the end
     for step in range(-9, 10):
         if step == 0:
             continue
-        cand, sumlx, suml2 = trial(fmax + const(0.1, x) * const(float(step), x))
+        cand = fmax + const(0.1, x) * const(float(step), x)
+        sumlx, suml2 = trial(cand)
         take = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        codes = torch.where(take, cand, codes)
+        num = torch.where(take, cand, num)
         scale = torch.where(take, divide_or_zero(sumlx, suml2), scale)
         best = torch.where(take, scale * sumlx, best)
-    codes = torch.where(zero, -nmax, codes)
+    codes = torch.where(zero, -nmax, codes_at(num))
     return codes.t().contiguous(), torch.where(zero, const(0.0, x), scale)
 
 
