@@ -457,9 +457,11 @@ def test_fake_quant_rejects_bad_shapes():
         fmt.fake_quant(torch.zeros(2, 256), torch.ones(2, 8))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("name", ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"])
-def test_searches_by_chunks_of_super_blocks_give_the_same_bytes(name, monkeypatch):
-    """rtn_torch bounds its temporaries by searching a run of super-blocks at a time: the same bytes."""
+def test_searches_by_slices_of_super_blocks_give_the_same_bytes(name, threads, monkeypatch):
+    """rtn_torch searches a run of super-blocks at a time (bounded temporaries), on a CPU side by side on
+    torch's threads: the same bytes as one search of them all, at any thread count."""
     from llmquant.formats import kquant
 
     fmt = get_format(name)
@@ -467,6 +469,73 @@ def test_searches_by_chunks_of_super_blocks_give_the_same_bytes(name, monkeypatc
     x = torch.randn(7, 256, generator=g) * torch.rand(7, 1, generator=g)
     importance = torch.rand(7, 256, generator=g)
     whole = [fmt.pack(fmt.blocks(*fmt.rtn_torch(x, imp))) for imp in (None, importance)]
+    slices = []
+
+    def recording(fn, tensors, rows):
+        slices.append(rows)
+        return tg.map_rows(fn, tensors, rows)
+
     monkeypatch.setattr(kquant, "SEARCH_SUPERS", 3)
-    chunked = [fmt.pack(fmt.blocks(*fmt.rtn_torch(x, imp))) for imp in (None, importance)]
-    assert all(np.array_equal(a, b) for a, b in zip(whole, chunked, strict=True))
+    monkeypatch.setattr(kquant, "SLICE_SUPERS_MIN", 1)
+    monkeypatch.setattr(kquant, "map_rows", recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        sliced = [fmt.pack(fmt.blocks(*fmt.rtn_torch(x, imp))) for imp in (None, importance)]
+    finally:
+        torch.set_num_threads(before)
+    assert slices == [3, 3]
+    assert all(np.array_equal(a, b) for a, b in zip(whole, sliced, strict=True))
+
+
+def test_map_rows_runs_slices_side_by_side_each_on_one_thread():
+    """Slices run concurrently (a barrier of two would time out otherwise), each with torch on one
+    thread and the caller's grad mode; results come back in slice order; the caller's threads are kept."""
+    import threading
+
+    barrier = threading.Barrier(2, timeout=20)
+    seen = []
+
+    def fn(a, b):
+        seen.append((torch.get_num_threads(), torch.is_grad_enabled(), b is None))
+        barrier.wait()
+        return a * 2
+
+    x = torch.arange(8.0).reshape(8, 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            out = tg.map_rows(fn, (x, None), 2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert [o.flatten().tolist() for o in out] == [[0, 2], [4, 6], [8, 10], [12, 14]]
+    assert seen == [(1, False, True)] * 4
+    assert tg.slice_rows(10_000, 4096, 256, x) == 4096
+    assert tg.slice_rows(1000, 4096, 256, x) == max(256, -(-1000 // torch.get_num_threads()))
+
+
+def test_qkx_levels_round_in_place_only_where_cs_trick_is_rounding():
+    """make_qkx_quants' levels: MAX(0, MIN(nmax, nearest_int(iscale·(x − min)))). In range the float
+    rounding path; with a min above the largest element (iscale < 0, |products| past 2^22) C's trick,
+    whose garbage differs from rounding there, so a search that always rounded would fail this."""
+    from llmquant.formats.qkx_search import qkx_levels
+
+    def reference(xt, iscale, mn):
+        return tg.nearest_int(iscale * (xt - mn)).clamp(0, 15).to(torch.float32)
+
+    g = torch.Generator().manual_seed(5)
+    xt = torch.randn(32, 64, generator=g)
+    hi, lo = xt.max(0).values, xt.min(0).values.clamp(max=0)
+    none = torch.zeros(64, dtype=torch.bool)
+    iscale = tg.const(15.0, xt) / (hi - lo)
+    assert torch.equal(qkx_levels(xt, iscale, lo, hi, lo, none, 15), reference(xt, iscale, lo))
+
+    xt = torch.tensor([[-2.0, -3.0, -1.5, -1.25], [-1.0, -1.0, -1.0, -1.0]])  # [n = 2, N = 4]
+    hi, lo = xt.max(0).values, xt.min(0).values
+    mn = hi + 2.0**-20
+    iscale = tg.const(15.0, xt) / (hi - mn)
+    ref = reference(xt, iscale, mn)
+    assert not torch.equal(ref, (iscale * (xt - mn)).round().clamp(0, 15))
+    assert torch.equal(qkx_levels(xt, iscale, mn, hi, lo, torch.zeros(4, dtype=torch.bool), 15), ref)

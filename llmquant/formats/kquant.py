@@ -39,12 +39,14 @@ import torch
 
 from . import torch_grid as tg
 from .base import BlockFormat, QuantBlocks, as_torch, f16_exact
-from .torch_grid import Projection, cat_projections, flat_view, serial
+from .torch_grid import Projection, cat_projections, flat_view, map_rows, serial, slice_rows
 
 QK_K = 256
 # Super-blocks per search pass (1M weights): a search holds a dozen float32 temporaries the size of
 # its input, so a whole embedding row chunk at once would need several times the chunk's memory.
+# Passes run side by side on torch's threads (``map_rows``).
 SEARCH_SUPERS = 4096
+SLICE_SUPERS_MIN = 256
 
 
 @dataclass(frozen=True)
@@ -115,9 +117,9 @@ class KQuantFormat(BlockFormat):
             if tuple(qw.shape) != tuple(x.shape):
                 raise ValueError(f"{cls.name}: importance must be {list(x.shape)} like the blocks, "
                                  f"not {list(qw.shape)}")
-        if x.shape[0] > SEARCH_SUPERS:  # super-blocks are independent: the same bytes, bounded temporaries
-            parts = [cls.rtn_torch(x[i : i + SEARCH_SUPERS], None if qw is None else qw[i : i + SEARCH_SUPERS])
-                     for i in range(0, x.shape[0], SEARCH_SUPERS)]
+        rows = slice_rows(x.shape[0], SEARCH_SUPERS, SLICE_SUPERS_MIN, x)
+        if rows < x.shape[0]:  # super-blocks are independent: the same bytes, bounded temporaries
+            parts = map_rows(cls.rtn_torch, (x, qw), rows)
             return torch.cat([codes for codes, _ in parts]), cat_projections([p for _, p in parts])
         with serial(x):
             ideal = cls.search(x, qw)

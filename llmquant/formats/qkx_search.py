@@ -23,6 +23,26 @@ import torch
 from . import torch_grid as tg
 
 
+def qkx_levels(xt: torch.Tensor, iscale: torch.Tensor, mn: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor,
+               ignore: torch.Tensor, nmax: int) -> torch.Tensor:
+    """``MAX(0, MIN(nmax, nearest_int(iscale·(x − min))))`` as float32, the value C multiplies with.
+
+    xt: float32 [n, N] (element, sub-block); iscale, mn, hi, lo (each sub-block's
+    largest and smallest element), ignore (sub-blocks whose levels are never used): [N].
+
+    Rounding is monotone, so no |iscale·(x − min)| exceeds |iscale|·(the larger
+    of |hi − min|, |lo − min|). Where that bound is below 2^22 for every
+    sub-block that counts, ``nearest_int`` is round-half-even, done in place on
+    the floats; past it (a fitted min closing in on the data's largest value, an
+    inf iscale) C's integer trick is followed step by step.
+    """
+    v = iscale * (xt - mn)
+    bound = iscale.abs() * torch.maximum((hi - mn).abs(), (lo - mn).abs())
+    if bool(((bound < tg.const(2.0**22, xt)) | ignore).all()):
+        return v.round_().clamp_(0, nmax)
+    return tg.nearest_int(v).clamp(0, nmax).to(torch.float32)
+
+
 def make_qkx_quants(
     x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -50,18 +70,20 @@ def make_qkx_quants(
     sum_x = tg.col_sum(wt * xt, first=True)
 
     def levels_at(iscale: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
-        """``MAX(0, MIN(nmax, nearest_int(iscale·(x − min))))`` as float32 (the value C multiplies with)."""
-        return tg.nearest_int(iscale * (xt - mn)).clamp(0, nmax).to(torch.float32)
+        return qkx_levels(xt, iscale, mn, hi, lo, flat, nmax)
 
     def error(scale: torch.Tensor, mn: torch.Tensor, lv: torch.Tensor) -> torch.Tensor:
-        diff = (scale * lv + mn) - xt
-        return tg.col_sum(wt * (diff.abs() if use_mad else diff * diff))
+        diff = torch.mul(scale, lv).add_(mn).sub_(xt)  # C's scale*L + min - x, in place
+        return tg.col_sum((diff.abs_() if use_mad else diff.mul_(diff)).mul_(wt))
 
     iscale = fmax / (hi - lo)
     scale = tg.const(1.0, xt) / iscale
-    levels = levels_at(iscale, lo)
-    best = error(scale, lo, levels)
+    best = error(scale, lo, levels_at(iscale, lo))
     mn = lo
+    # Each sub-block's winning candidate (its iscale and the min it was placed from); its levels
+    # are computed once, at the end, from the same operands.
+    win_iscale, win_mn = iscale, lo
+    prods = torch.empty((3, *xt.shape), dtype=torch.float32, device=xt.device)  # w·l, w·l·l, w·l·x
     steps = torch.arange(nstep + 1, dtype=torch.float32, device=xt.device)
     nums = ((tg.const(rmin, xt) + tg.const(rdelta, xt) * steps) + fmax).unbind(0)  # C's rmin + rdelta*is + nmax
     for num in nums:
@@ -69,8 +91,10 @@ def make_qkx_quants(
         # later ones are placed relative to its fitted min, not the data's.
         iscale = num / (hi - mn)
         lv = levels_at(iscale, mn)
-        wl = wt * lv
-        sums = tg.col_sum(torch.stack([wl, wl * lv, wl * xt]))
+        wl = torch.mul(wt, lv, out=prods[0])
+        torch.mul(wl, lv, out=prods[1])
+        torch.mul(wl, xt, out=prods[2])
+        sums = tg.col_sum(prods)
         sum_l, sum_l2, sum_xl = sums[0], sums[1], sums[2]
         det = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
@@ -80,10 +104,11 @@ def make_qkx_quants(
         this_scale = torch.where(positive, sum_xl / sum_l2, this_scale)
         cur = error(this_scale, this_min, lv)
         take = (det > 0) & (cur < best) & ~flat
-        levels = torch.where(take, lv, levels)
+        win_iscale = torch.where(take, iscale, win_iscale)
+        win_mn = torch.where(take, mn, win_mn)
         best = torch.where(take, cur, best)
         scale = torch.where(take, this_scale, scale)
         mn = torch.where(take, this_min, mn)
-    levels = torch.where(flat, zero, levels)
+    levels = torch.where(flat, zero, levels_at(win_iscale, win_mn))
     scale = torch.where(flat, zero, scale)
     return levels.t().to(torch.int32), scale, -mn

@@ -24,8 +24,10 @@ shared pieces, and ``fake_quant`` that a tuning method calls every step.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -34,6 +36,7 @@ from ..threads import one_thread
 if TYPE_CHECKING:
     from .base import BlockFormat
 
+R = TypeVar("R")
 F16_MAX = 65504.0
 GROUP_MAX_EPS = 1e-15
 
@@ -52,6 +55,39 @@ def serial(like: torch.Tensor) -> contextlib.AbstractContextManager:
     more).
     """
     return one_thread() if like.device.type == "cpu" else contextlib.nullcontext()
+
+
+def map_rows(fn: Callable[..., R], tensors: Sequence[torch.Tensor | None], rows: int) -> list[R]:
+    """``fn`` over consecutive slices of ``rows`` rows (axis 0) of every tensor (None stays None), in order.
+
+    On a CPU the slices run on as many Python threads as torch has intra-op
+    threads, each slice under ``serial``: a search is a long chain of ops too
+    small to split well inside, while independent slices side by side keep
+    every core busy. Each slice's result is what it would be alone, so the
+    results, and the bytes, do not depend on the thread count. Elsewhere the
+    slices run one after another.
+    """
+    first = next(t for t in tensors if t is not None)
+    starts = range(0, first.shape[0], rows)
+    grad = torch.is_grad_enabled()  # thread-local: the workers follow the caller
+
+    def one(i: int) -> R:
+        parts = [None if t is None else t[i : i + rows] for t in tensors]
+        with serial(first), torch.set_grad_enabled(grad):
+            return fn(*parts)
+
+    workers = min(torch.get_num_threads(), len(starts)) if first.device.type == "cpu" else 1
+    if workers <= 1:
+        return [one(i) for i in starts]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llmquant-rows") as pool:
+        return list(pool.map(one, starts))
+
+
+def slice_rows(n: int, most: int, least: int, like: torch.Tensor) -> int:
+    """Rows per ``map_rows`` slice for n rows: at most ``most`` (bounded temporaries), and on a CPU
+    few enough that every torch thread gets a slice, but not below ``least`` (per-op overhead)."""
+    threads = torch.get_num_threads() if like.device.type == "cpu" else 1
+    return max(least, min(most, -(-n // threads)))
 
 
 def f16_round(x: torch.Tensor, saturate: bool = True) -> torch.Tensor:
@@ -293,7 +329,9 @@ def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -
         return nearest_int((-num / vmax) * xt).clamp_(-nmax, nmax - 1)
 
     def trial(num: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lf = codes_at(num).to(torch.float32)
+        # The codes as float32, rounded half to even in place: |x / vmax| <= 1 keeps every product
+        # within nmax + 1, where that is nearest_int's value, without its integer passes.
+        lf = torch.mul(xt, -num / vmax).round_().clamp_(-nmax, nmax - 1)
         return col_sum(wx * lf), col_sum((w * lf).mul_(lf))
 
     fmax = const(float(nmax), x)
