@@ -79,11 +79,16 @@ class Q2_K(KQuantFormat, qtype=GGMLQuantizationType.Q2_K):
         """4-bit sc and m under fp16 d, dmin (see ``KQuantFormat.project``).
 
         Without importance: ``d = max/15``, ``sc = nearest_int(15/max · s)``;
-        with it, ``make_qp_quants`` weighted by it. Negative ideal scales and
-        positive ideal mins (which unsigned sc, m cannot hold) count as 0.
+        with it, ``make_qp_quants`` weighted by it. Positive ideal mins (which
+        unsigned m cannot hold) count as 0; so do negative ideal scales, except
+        with ``saturate=False`` (rtn), where they wrap through the uint8 fields
+        as in C (an imatrix search can fit a negative scale).
         """
         cls._check_mins(mins)
-        s, t = cls._sub_rows(scales).clamp_min(0), cls._sub_rows(-mins).clamp_min(0)
+        # C hands a negative search scale to its uint8 fields as it is (they wrap); a method's ideal
+        # scales are kept on the unsigned grid instead. rtn projects with saturate=False, as C.
+        s, t = cls._sub_rows(scales), cls._sub_rows(-mins).clamp_min(0)
+        s = s.clamp_min(0) if saturate else s
         if importance is None:
             fifteen, zero = tg.const(15.0, s), tg.const(0.0, s)
             max_s, max_m = tg.running_max(s), tg.running_max(t)

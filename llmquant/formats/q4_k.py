@@ -125,10 +125,15 @@ class _Q45K(KQuantFormat):
         Without importance: ``d = max/63``, ``sc = min(63, nearest_int(63/max · s))``;
         with it, ``make_qp_quants`` weighted by it (q5_K clamps its levels to 63).
         Levels go through the 12-byte packing as C's ``uint8_t`` fields do.
-        Negative ideal scales and positive ideal mins count as 0.
+        Positive ideal mins count as 0; so do negative ideal scales, except with
+        ``saturate=False`` (rtn), where they wrap through the uint8 fields as in C
+        (an imatrix search can fit a negative scale).
         """
         cls._check_mins(mins)
-        s, t = cls._sub_rows(scales).clamp_min(0), cls._sub_rows(-mins).clamp_min(0)
+        # C hands a negative search scale to its uint8 fields as it is (they wrap); a method's ideal
+        # scales are kept on the unsigned grid instead. rtn projects with saturate=False, as C.
+        s, t = cls._sub_rows(scales), cls._sub_rows(-mins).clamp_min(0)
+        s = s.clamp_min(0) if saturate else s
         if importance is None:
             sixty3, zero = tg.const(63.0, s), tg.const(0.0, s)
             max_s, max_m = tg.running_max(s), tg.running_max(t)
