@@ -208,6 +208,17 @@ class KQuantFormat(BlockFormat):
         return v.to(torch.float32).reshape(-1, cls.n_sub())
 
     @classmethod
+    def _unsigned_rows(cls, scales: torch.Tensor, mins: torch.Tensor, saturate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The types with unsigned sc and m: ideal scales and additive mins [n·n_sub] -> the scales and
+        the subtracted mins C's projection reads, float32 [n, n_sub] each.
+
+        Positive mins count as 0. C hands a negative search scale to its uint8 fields as it is (they
+        wrap), so rtn (``saturate=False``) keeps it; a method's ideal scales stay on the unsigned grid.
+        """
+        s, t = cls._sub_rows(scales), cls._sub_rows(-mins).clamp_min(0)
+        return (s.clamp_min(0) if saturate else s), t
+
+    @classmethod
     def blocks(cls, codes: torch.Tensor, p: Projection) -> QuantBlocks:
         def cpu(t, dtype):
             return None if t is None else t.detach().to("cpu", dtype).numpy()

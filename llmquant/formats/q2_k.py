@@ -85,10 +85,7 @@ class Q2_K(KQuantFormat, qtype=GGMLQuantizationType.Q2_K):
         as in C (an imatrix search can fit a negative scale).
         """
         cls._check_mins(mins)
-        # C hands a negative search scale to its uint8 fields as it is (they wrap); a method's ideal
-        # scales are kept on the unsigned grid instead. rtn projects with saturate=False, as C.
-        s, t = cls._sub_rows(scales), cls._sub_rows(-mins).clamp_min(0)
-        s = s.clamp_min(0) if saturate else s
+        s, t = cls._unsigned_rows(scales, mins, saturate)
         if importance is None:
             fifteen, zero = tg.const(15.0, s), tg.const(0.0, s)
             max_s, max_m = tg.running_max(s), tg.running_max(t)

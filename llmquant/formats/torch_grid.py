@@ -326,12 +326,12 @@ def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -
     wx = w * xt
 
     def codes_at(num: torch.Tensor) -> torch.Tensor:
-        return nearest_int((-num / vmax) * xt).clamp_(-nmax, nmax - 1)
-
-    def trial(num: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # The codes as float32, rounded half to even in place: |x / vmax| <= 1 keeps every product
         # within nmax + 1, where that is nearest_int's value, without its integer passes.
-        lf = torch.mul(xt, -num / vmax).round_().clamp_(-nmax, nmax - 1)
+        return torch.mul(xt, -num / vmax).round_().clamp_(-nmax, nmax - 1)
+
+    def trial(num: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lf = codes_at(num)
         return col_sum(wx * lf), col_sum((w * lf).mul_(lf))
 
     fmax = const(float(nmax), x)
@@ -348,7 +348,7 @@ def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -
         num = torch.where(take, cand, num)
         scale = torch.where(take, divide_or_zero(sumlx, suml2), scale)
         best = torch.where(take, scale * sumlx, best)
-    codes = torch.where(zero, -nmax, codes_at(num))
+    codes = torch.where(zero, -nmax, codes_at(num).to(torch.int32))
     return codes.t().contiguous(), torch.where(zero, const(0.0, x), scale)
 
 
