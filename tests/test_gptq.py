@@ -376,3 +376,61 @@ def test_h_scale_is_bitwise_the_scaled_hessian(layer, name, act_order):
         assert torch.equal(a.W_hat, b.W_hat) and torch.equal(a.rounded, b.rounded)
         assert (a.rel_err, a.rel_err_rtn, a.damp, a.n_dead) == (b.rel_err, b.rel_err_rtn, b.damp, 1)
     assert not torch.equal(gptq_quantize(W, G, fmt, act_order=act_order).W_hat, b.W_hat)
+
+
+@pytest.mark.parametrize("name,search_loss", [("q4_1", "hdiag"), ("q5_0", "gptq"), ("q4_K", "hdiag")])
+def test_walk_bytes_do_not_depend_on_the_thread_count(monkeypatch, name, search_loss):
+    """The block searches run their row chunks side by side on torch's threads; codes, grids and
+    the rounded weights are those of one thread."""
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(1024, 512, generator=g) * (torch.rand(512, generator=g) * 3)
+    W, H = torch.randn(40, 512, generator=g), 2 / 1024 * X.T @ X
+    fmt = get_format(name)
+    monkeypatch.setattr(gptq, "_SEARCH_CHUNK", 7)  # several chunks per block column
+    before = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs.append(gptq_quantize(W, H, fmt, search_loss=search_loss))
+    finally:
+        torch.set_num_threads(before)
+    one, two = runs
+    for a, b in [(one.q.codes, two.q.codes), (one.q.scales, two.q.scales), (one.q.mins, two.q.mins)]:
+        assert (a is None and b is None) or np.array_equal(a, b)
+    assert torch.equal(one.rounded, two.rounded) and torch.equal(one.W_hat, two.W_hat)
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_K"])
+def test_walk_searches_on_all_threads_and_walks_columns_on_one(monkeypatch, name):
+    """Each block's grid search sees the caller's thread count; the column loop runs on one thread."""
+    seen: dict[str, set] = {"search": set(), "columns": set()}
+    search, columns = gptq.search_grid, gptq._columns
+    fmt = get_format(name)
+    rtn_torch = fmt.rtn_torch
+
+    def spy_search(*a, **k):
+        seen["search"].add(torch.get_num_threads())
+        return search(*a, **k)
+
+    def spy_rtn(*a, **k):
+        seen["search"].add(torch.get_num_threads())
+        return rtn_torch(*a, **k)
+
+    def spy_columns(*a, **k):
+        seen["columns"].add(torch.get_num_threads())
+        return columns(*a, **k)
+
+    monkeypatch.setattr(gptq, "search_grid", spy_search)
+    monkeypatch.setattr(gptq, "_columns", spy_columns)
+    if fmt.block_size != fmt.sub_size:
+        monkeypatch.setattr(fmt, "rtn_torch", spy_rtn)
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(512, 256, generator=g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gptq_quantize(torch.randn(8, 256, generator=g), 2 / 512 * X.T @ X, fmt)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {"search": {2}, "columns": {1}}

@@ -226,10 +226,13 @@ class BlockFormat:
         rounding, and q4/q5 truncate ``v + 0.5``.
         """
         v = x if mins is None else x - mins
-        c = torch.round(v / scales).clamp_(cls.qmin, cls.qmax)
+        c = (v / scales).round_().clamp_(cls.qmin, cls.qmax)  # in place on the one new tensor
+        zero = scales == 0
+        if scales.device.type != "cpu" or zero.any():  # rare on a CPU: skip a pass over c (no sync on a GPU)
+            c = torch.where(zero, torch.zeros((), dtype=c.dtype, device=c.device), c)
         # + 0: an integer code has no sign of zero (round(-0.3) is -0.0, and -0.0 · d
         # would not be the 0 · d that llama.cpp computes from the packed code)
-        return torch.where(scales == 0, torch.zeros((), dtype=c.dtype, device=c.device), c) + 0.0
+        return c.add_(0.0)
 
     @classmethod
     def check(cls, q: QuantBlocks) -> None:

@@ -43,7 +43,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from ..formats.base import BlockFormat, QuantBlocks
-from ..formats.torch_grid import Projection
+from ..formats.torch_grid import Projection, map_rows
 from ..formats.torch_grid import dequantize as _dequant  # codes [..., n, g], d, m [..., n] -> weights
 from ..threads import one_thread
 
@@ -157,9 +157,12 @@ def _refit(
     w, h: [n, g]; c: [K, n, g]; d, m: [K, n]
     """
     hc = h * c
+    c1 = None if m is None else hc.sum(-1)
+    cw = (hc * w).sum(-1)
+    cc = hc.mul_(c).sum(-1)  # hc is spent: its buffer becomes h·c·c
     if m is None:
-        return lstsq_grid((hc * c).sum(-1), (hc * w).sum(-1), d)
-    return lstsq_grid((hc * c).sum(-1), (hc * w).sum(-1), d, m, hc.sum(-1), h.sum(-1), (h * w).sum(-1))
+        return lstsq_grid(cc, cw, d)
+    return lstsq_grid(cc, cw, d, m, c1, h.sum(-1), (h * w).sum(-1))
 
 
 def lstsq_grid(cc, cw, d, m=None, c1=None, o1=None, w1=None):
@@ -181,24 +184,36 @@ def lstsq_grid(cc, cw, d, m=None, c1=None, o1=None, w1=None):
 
 
 def _weighted_err(w, h, c, d, m) -> torch.Tensor:
-    """Σ_j h_j (w_j - q_j)² per candidate and block: [K, n]."""
-    return (h * (w - _dequant(c, d, m)).square()).sum(-1)
+    """Σ_j h_j (w_j - q_j)² per candidate and block: [K, n] (c: codes [K, n, g]).
+
+    Every step after the dequantization runs in place on its buffer; (q - w)² is (w - q)², bit for bit.
+    """
+    return _dequant(c, d, m).sub_(w).square_().mul_(h).sum(-1)
 
 
 def _candidate_grids(
-    w: torch.Tensor, h: torch.Tensor, fmt: type[BlockFormat], rtn: Projection
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    w: torch.Tensor, h: torch.Tensor, fmt: type[BlockFormat], rtn: Projection, scored: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """All fp16-exact candidate grids d, m [K, n] for blocks w [n, 32] (h: [n, 32] weights),
-    each projected onto what the file stores (``fmt.project``: fp16, saturating)."""
+    each projected onto what the file stores (``fmt.project``: fp16, saturating).
+
+    scored: also their ``_weighted_err`` [K, n], from the codes each refit computes anyway
+    (only the last round's grids need codes of their own).
+    """
     p = fmt.project(*_candidates(w, rtn, fmt))
     d, m = p.scales, p.mins
-    ds, ms = [d], [m]
-    for _ in range(_REFITS):
-        p = fmt.project(*_refit(w, h, _codes(w, d, m, fmt), d, m))
-        d, m = p.scales, p.mins
-        ds.append(d)
-        ms.append(m)
-    return torch.cat(ds), None if m is None else torch.cat(ms)
+    ds, ms, errs = [d], [m], []
+    for r in range(_REFITS + 1 if scored else _REFITS):
+        c = _codes(w, d, m, fmt)
+        if scored:
+            errs.append(_weighted_err(w, h, c, d, m))
+        if r < _REFITS:
+            p = fmt.project(*_refit(w, h, c, d, m))
+            d, m = p.scales, p.mins
+            ds.append(d)
+            ms.append(m)
+    grids = torch.cat(ds), None if m is None else torch.cat(ms)
+    return (*grids, torch.cat(errs)) if scored else grids
 
 
 def _cat_grids(parts: list) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -223,19 +238,14 @@ def search_grid(
     llama.cpp's grid (``fmt.rtn_torch``); with it, the candidate with the least
     weighted error, never worse than llama.cpp's in that error.
     """
-    if w.shape[0] > _SEARCH_CHUNK:  # bound the [K, n, 32] temporaries
-        h = h.expand_as(w)
-        parts = [
-            search_grid(w[i : i + _SEARCH_CHUNK], h[i : i + _SEARCH_CHUNK], fmt, scale_search)
-            for i in range(0, w.shape[0], _SEARCH_CHUNK)
-        ]
-        return _cat_grids(parts)
+    if w.shape[0] > _SEARCH_CHUNK:  # bound the [K, n, 32] temporaries; chunks side by side on torch's threads
+        return _cat_grids(map_rows(lambda wc, hc: search_grid(wc, hc, fmt, scale_search),
+                                   (w, h.expand_as(w)), _SEARCH_CHUNK))
     _, rtn = fmt.rtn_torch(w)
     if not scale_search:
         return rtn.scales, rtn.mins
     h = h.to(torch.float32).expand_as(w)
-    d, m = _candidate_grids(w, h, fmt, rtn)
-    return _pick(d, m, _weighted_err(w, h, _codes(w, d, m, fmt), d, m))
+    return _pick(*_candidate_grids(w, h, fmt, rtn, scored=True))
 
 
 def _simulate_block(w, U, d, m, fmt) -> torch.Tensor:
@@ -409,12 +419,12 @@ def _block_grid(w, h, U, fmt, scale_search: bool, search_loss: str):
     """
     if not scale_search or search_loss == "hdiag":
         return search_grid(w, h, fmt, scale_search)
-    parts = []
-    for i in range(0, w.shape[0], _SEARCH_CHUNK):
-        wc = w[i : i + _SEARCH_CHUNK]
+
+    def chunk(wc):
         d, m = _candidate_grids(wc, h.expand_as(wc), fmt, fmt.rtn_torch(wc)[1])
-        parts.append(_pick(d, m, _simulate_block(wc, U, d, m, fmt)))
-    return _cat_grids(parts)
+        return _pick(d, m, _simulate_block(wc, U, d, m, fmt))
+
+    return _cat_grids(map_rows(chunk, (w,), _SEARCH_CHUNK))
 
 
 def _walk(W, Hinv, fmt, S, M, block_cols, col_block=None, choose=None):
@@ -438,25 +448,44 @@ def _walk(W, Hinv, fmt, S, M, block_cols, col_block=None, choose=None):
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        with one_thread():
-            for i in range(i2 - i1):
-                j = i1 + i
-                b = j // sub if col_block is None else col_block[j]
-                if col_block is None and j % gw == 0:  # entering a block: fix its whole grid now
-                    g = slice(i, i + gw)
-                    d_b, m_b = choose(W1[:, g], j, Hinv1[g, g])
-                    S[:, b : b + gw // sub] = d_b
-                    if M is not None:
-                        M[:, b : b + gw // sub] = m_b
-                d, m = S[:, b], None if M is None else M[:, b]
-                w = W1[:, i]
-                c = _codes(w[:, None], d, m, fmt)[:, 0]
-                W[:, j] = w  # before the update below, which moves w onto its grid point
-                Err1[:, i] = (w - _dequant(c[:, None], d, m)[:, 0]) / Hinv1[i, i]
-                W1[:, i:] -= Err1[:, i, None] * Hinv1[i, i:][None, :]
-                Q[:, j] = c
+        # static groups walk the whole range at once; otherwise each ggml block's grid is fixed
+        # as the walk enters it, by a search that runs on all of torch's threads (``choose``)
+        step = i2 - i1 if col_block is not None else gw
+        for k in range(0, i2 - i1, step):
+            if col_block is None:
+                g = slice(k, k + gw)
+                d_b, m_b = choose(W1[:, g], i1 + k, Hinv1[g, g])
+                b = (i1 + k) // sub
+                S[:, b : b + gw // sub] = d_b
+                if M is not None:
+                    M[:, b : b + gw // sub] = m_b
+            with one_thread():
+                _columns(W1, Err1, Hinv1, Q[:, i1:i2], S, M, fmt, range(k, k + step),
+                         [(i1 + i) // sub for i in range(k, k + step)] if col_block is None
+                         else col_block[i1 + k : i1 + k + step])
+        W[:, i1:i2] = W1  # each column as the walk found it (``_columns`` leaves them so)
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     return Q
+
+
+def _columns(W1, Err1, Hinv1, Q1, S, M, fmt, cols: range, blocks: list[int]) -> None:
+    """The walk over ``cols`` of one lazy batch, one column at a time, in place.
+
+    W1, Err1, Q1 [co, batch], Hinv1 [batch, batch]: the batch's weights, scaled
+    errors and codes; blocks: the sub-block (column of S, M) of each column.
+    Tiny ops on [co, 1] columns, so as few as can be: a column's grid is taken
+    once per sub-block, and only the columns after it are updated, which leaves
+    each column as the walk rounded it.
+    """
+    b0 = None
+    for i, b in zip(cols, blocks, strict=True):
+        if b != b0:
+            b0, d, m = b, S[:, b : b + 1], None if M is None else M[:, b : b + 1]
+        w = W1[:, i : i + 1]
+        c = fmt.nearest_codes(w, d, m)
+        torch.div(w - _dequant(c, d[:, 0], None if m is None else m[:, 0]), Hinv1[i, i], out=Err1[:, i : i + 1])
+        W1[:, i + 1 :] -= Err1[:, i : i + 1] * Hinv1[i : i + 1, i + 1 :]
+        Q1[:, i : i + 1] = c
 
 
 def _joined(pieces: list[Projection], co: int) -> Projection:
