@@ -405,26 +405,18 @@ def test_walk_bytes_do_not_depend_on_the_thread_count(monkeypatch, name, search_
 def test_walk_searches_on_all_threads_and_walks_columns_on_one(monkeypatch, name):
     """Each block's grid search sees the caller's thread count; the column loop runs on one thread."""
     seen: dict[str, set] = {"search": set(), "columns": set()}
-    search, columns = gptq.search_grid, gptq._columns
     fmt = get_format(name)
-    rtn_torch = fmt.rtn_torch
 
-    def spy_search(*a, **k):
-        seen["search"].add(torch.get_num_threads())
-        return search(*a, **k)
+    def spy(key, fn):
+        def call(*a, **k):
+            seen[key].add(torch.get_num_threads())
+            return fn(*a, **k)
+        return call
 
-    def spy_rtn(*a, **k):
-        seen["search"].add(torch.get_num_threads())
-        return rtn_torch(*a, **k)
-
-    def spy_columns(*a, **k):
-        seen["columns"].add(torch.get_num_threads())
-        return columns(*a, **k)
-
-    monkeypatch.setattr(gptq, "search_grid", spy_search)
-    monkeypatch.setattr(gptq, "_columns", spy_columns)
-    if fmt.block_size != fmt.sub_size:
-        monkeypatch.setattr(fmt, "rtn_torch", spy_rtn)
+    monkeypatch.setattr(gptq, "search_grid", spy("search", gptq.search_grid))
+    monkeypatch.setattr(gptq, "_columns", spy("columns", gptq._columns))
+    if fmt.block_size != fmt.sub_size:  # a k-quant's block grid is its own super-block search
+        monkeypatch.setattr(fmt, "rtn_torch", spy("search", fmt.rtn_torch))
     g = torch.Generator().manual_seed(4)
     X = torch.randn(512, 256, generator=g)
     before = torch.get_num_threads()
