@@ -194,10 +194,11 @@ class Recording:
             self.revised.append(prefix + rel)
         return revised
 
-    def quantize(self, name, group, W, fmt):
-        q, report = super().quantize(name, group, W, fmt)
-        self.w_hat[name] = fmt.dequantize(q).reshape(W.shape)
-        return q, report
+    def quantize_group(self, group, members):
+        out = super().quantize_group(group, members)
+        for (name, W, fmt), (q, _) in zip(members, out, strict=True):
+            self.w_hat[name] = fmt.dequantize(q).reshape(W.shape)
+        return out
 
 
 class RecordingAWQ(Recording, AWQMethod):

@@ -14,6 +14,7 @@ from llmquant.methods.gptq import (
     HessianError,
     accumulate_hessian,
     gptq_quantize,
+    gptq_quantize_rows,
     rtn_search,
 )
 
@@ -426,3 +427,33 @@ def test_walk_searches_on_all_threads_and_walks_columns_on_one(monkeypatch, name
     finally:
         torch.set_num_threads(before)
     assert seen == {"search": {2}, "columns": {1}}
+
+
+@pytest.mark.parametrize("name,act_order,search_loss", [("q4_0", False, "hdiag"), ("q5_1", False, "gptq"),
+                                                         ("q4_1", True, "hdiag"), ("q4_K", False, "hdiag"),
+                                                         ("q6_K", True, "hdiag")])
+def test_joined_walk_gives_each_linear_what_it_gets_alone(monkeypatch, name, act_order, search_loss):
+    """Linears that share H (q/k/v) walked as one stack of rows: each gets the codes, grid, rounded
+    weights and reported errors of its own walk. Row counts that split the search's row chunks
+    unevenly, so a chunk holds rows of two linears."""
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(1024, 512, generator=g) * (torch.rand(512, generator=g) * 3)
+    H = 2 / 1024 * X.T @ X
+    H[:, 9] = H[9, :] = 0.0  # a dead column
+    Ws = [torch.randn(n, 512, generator=g) * s for n, s in ((24, 1.0), (9, 0.3), (11, 2.0))]
+    fmt = get_format(name)
+    monkeypatch.setattr(gptq, "_SEARCH_CHUNK", 7)
+    alone = [gptq_quantize(W, H, fmt, act_order=act_order, search_loss=search_loss) for W in Ws]
+    joined = gptq_quantize_rows(Ws, H, fmt, act_order=act_order, search_loss=search_loss)
+    assert len(joined) == len(Ws)
+    for W, a, b in zip(Ws, alone, joined, strict=True):
+        assert np.array_equal(fmt.pack(a.q), fmt.pack(b.q))
+        assert torch.equal(a.W_hat, b.W_hat) and torch.equal(a.rounded, b.rounded)
+        assert b.W_hat.shape == W.shape
+        assert (a.rel_err, a.rel_err_rtn, a.damp, a.n_dead) == (b.rel_err, b.rel_err_rtn, b.damp, b.n_dead)
+
+
+def test_joined_walk_needs_one_input_width():
+    H = torch.eye(64)
+    with pytest.raises(ValueError, match="share their input width"):
+        gptq_quantize_rows([torch.randn(4, 64), torch.randn(4, 32)], H, get_format("q4_0"))

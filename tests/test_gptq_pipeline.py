@@ -27,10 +27,11 @@ class RecordingGPTQ(GPTQMethod):
         super().__init__(**kw)
         self.w_hat: dict[str, np.ndarray] = {}
 
-    def quantize(self, name, group, W, fmt):
-        q, report = super().quantize(name, group, W, fmt)
-        self.w_hat[name] = fmt.dequantize(q).reshape(W.shape)
-        return q, report
+    def quantize_group(self, group, members):
+        out = super().quantize_group(group, members)
+        for (name, W, fmt), (q, _) in zip(members, out, strict=True):
+            self.w_hat[name] = fmt.dequantize(q).reshape(W.shape)
+        return out
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,29 @@ def test_file_dequantizes_to_exactly_the_gptq_weights(qtype, act_order, tiny_lla
         assert np.array_equal(deq, spec.to_gguf_rows(hf_name, w_hat, config)), hf_name
     errs = [r for r in report.linears if r.err_method is not None]
     assert errs and all(r.err_method < r.err_rtn for r in errs)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq+gptq"])
+def test_each_group_is_walked_once_per_format(method, tiny_llama, tmp_path, monkeypatch):
+    """q/k/v and gate/up share their input, so each group's linears of one format go through one
+    GPTQ walk: per layer, walks of 3 (q, k, v), 1 (o), 2 (gate, up) and 1 (down) linears."""
+    import llmquant.methods.awq as awq_module
+    import llmquant.methods.gptq_method as gptq_module
+
+    module = gptq_module if method == "gptq" else awq_module
+    walks = []
+
+    def spy(Ws, *a, **k):
+        walks.append([W.shape[0] for W in Ws])
+        return real(Ws, *a, **k)
+
+    real = module.gptq_quantize_rows
+    monkeypatch.setattr(module, "gptq_quantize_rows", spy)
+    quantize(tiny_llama, tmp_path / "o.gguf", type="q4_0", method=method, calibration=CALIB, progress=False)
+    config = read_config(tiny_llama)
+    kv = config["num_key_value_heads"] * config["hidden_size"] // config["num_attention_heads"]
+    h, f = config["hidden_size"], config["intermediate_size"]
+    assert walks == [[h, kv, kv], [h], [f, f], [h]] * config["num_hidden_layers"]
 
 
 def test_gptq_file_loads_and_generates_in_llama_cpp(tiny_llama, tmp_path):

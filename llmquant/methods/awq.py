@@ -88,7 +88,7 @@ from ..formats import BlockFormat, QuantBlocks
 from ..formats.kquant import KQuantFormat, SuperGrid
 from ..formats.torch_grid import dequantize as _dequant
 from ..formats.torch_grid import f16_round as _f16
-from .base import LinearReport, Method
+from .base import LinearReport, Method, by_format, row_shares
 from .edge import to_numpy, to_torch
 from .gptq import (
     HessianAccumulator,
@@ -97,7 +97,7 @@ from .gptq import (
     _codes,
     _quant_blocks,
     _slices,
-    gptq_quantize,
+    gptq_quantize_rows,
     lstsq_grid,
     super_grid,
 )
@@ -447,27 +447,38 @@ class AWQMethod(Method, method="awq"):
         st.G = scale_gram_(G, st.s)
         return revised
 
-    def _codes_for(self, W: torch.Tensor, st: _Group, fmt: type[BlockFormat]) -> tuple[QuantBlocks, dict, torch.Tensor | None]:
-        """Codes on fmt's grid, the method's choices, and the weights rounded if not W (``Method.rounded``)."""
-        return (*grid_codes(W, st.G, fmt, self.clip_ratios), None)
+    def _codes_for(self, st: _Group, members: list[tuple[str, torch.Tensor, type[BlockFormat]]]
+                   ) -> list[tuple[QuantBlocks, dict, torch.Tensor | None, float]]:
+        """For each member (W float32): codes on its format's grid, the method's choices, the weights
+        rounded if not W (``Method.rounded``), and the seconds spent on it."""
+        out = []
+        for _, W, fmt in members:
+            t0 = time.perf_counter()
+            out.append((*grid_codes(W, st.G, fmt, self.clip_ratios), None, time.perf_counter() - t0))
+        return out
 
     def quantize(self, name, group, W, fmt):
+        return self.quantize_group(group, [(name, W, fmt)])[0]
+
+    def quantize_group(self, group, members):
         st = self._groups.get(group) if group else None
         if st is None or st.G is None:
-            return super().quantize(name, group, W, fmt)
-        t0 = time.perf_counter()
-        W = W.to(torch.float32)
-        q, stats, rounded = self._codes_for(W, st, fmt)
-        self._keep_rounded(name, rounded)
-        W_hat = to_torch(fmt.dequantize(q), W).reshape(W.shape)
-        rel = next((r for r in st.base if name == r + ".weight" or name.endswith("." + r + ".weight")), None)
-        err_rtn, norm = st.base.get(rel, (float("nan"), 0.0))
-        err = output_error(W, W_hat, st.G)
-        report = LinearReport(name, seconds=time.perf_counter() - t0,
-                              err_rtn=err_rtn / norm if norm > 0 else None,
-                              err_method=err / norm if norm > 0 else None,
-                              extra={**st.extra, **stats})
-        return q, report
+            return [Method.quantize(self, name, group, W, fmt) for name, W, fmt in members]
+        members = [(name, W.to(torch.float32), fmt) for name, W, fmt in members]
+        out = []
+        for (name, W, fmt), (q, stats, rounded, seconds) in zip(members, self._codes_for(st, members), strict=True):
+            t0 = time.perf_counter()
+            self._keep_rounded(name, rounded)
+            W_hat = to_torch(fmt.dequantize(q), W).reshape(W.shape)
+            rel = next((r for r in st.base if name == r + ".weight" or name.endswith("." + r + ".weight")), None)
+            err_rtn, norm = st.base.get(rel, (float("nan"), 0.0))
+            err = output_error(W, W_hat, st.G)
+            report = LinearReport(name, seconds=seconds + time.perf_counter() - t0,
+                                  err_rtn=err_rtn / norm if norm > 0 else None,
+                                  err_method=err / norm if norm > 0 else None,
+                                  extra={**st.extra, **stats})
+            out.append((q, report))
+        return out
 
     def end_group(self, group: str) -> None:
         self._groups.pop(group, None)
@@ -482,16 +493,25 @@ class AWQGPTQMethod(AWQMethod, method="awq+gptq"):
         super().__init__(n_grid, clip_ratios)
         self.damp, self.act_order, self.scale_search, self.block_cols = damp, act_order, scale_search, block_cols
 
-    def _codes_for(self, W, st, fmt):
-        try:
-            # H = 2·G, doubled inside GPTQ's float64 work copy: no scaled float32 copy of G beside it
-            res = gptq_quantize(W, st.G, fmt, damp=self.damp, act_order=self.act_order,
-                                block_cols=self.block_cols, scale_search=self.scale_search, h_scale=2.0)
-        except HessianError as exc:
-            warnings.warn(f"{exc}; AWQ clip search instead of GPTQ", stacklevel=3)
-            q, stats = grid_codes(W, st.G, fmt, self.clip_ratios)
-            return q, {**stats, "fallback": str(exc)}, None
-        return res.q, {"damp": res.damp, "dead_columns": res.n_dead}, res.rounded
+    def _codes_for(self, st, members):
+        out: list = [None] * len(members)
+        for fmt, idx in by_format(members).items():
+            t0 = time.perf_counter()
+            try:
+                # H = 2·G, doubled inside GPTQ's float64 work copy: no scaled float32 copy of G beside it
+                results = gptq_quantize_rows([members[i][1] for i in idx], st.G, fmt, damp=self.damp,
+                                             act_order=self.act_order, block_cols=self.block_cols,
+                                             scale_search=self.scale_search, h_scale=2.0)
+            except HessianError as exc:
+                warnings.warn(f"{exc}; AWQ clip search instead of GPTQ", stacklevel=4)
+                for i in idx:
+                    t1 = time.perf_counter()
+                    q, stats = grid_codes(members[i][1], st.G, fmt, self.clip_ratios)
+                    out[i] = q, {**stats, "fallback": str(exc)}, None, time.perf_counter() - t1
+                continue
+            for i, res, seconds in zip(idx, results, row_shares(members, idx, time.perf_counter() - t0), strict=True):
+                out[i] = res.q, {"damp": res.damp, "dead_columns": res.n_dead}, res.rounded, seconds
+        return out
 
 
 __all__ = ["AWQMethod", "AWQGPTQMethod", "channel_map", "clip_search", "fold_scales", "rtn_error", "scales_for"]

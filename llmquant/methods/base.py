@@ -105,6 +105,16 @@ class Method:
         q = fmt.rtn_rows(to_numpy(W), self.__dict__.get("_imatrix", {}).get(name))
         return q, LinearReport(name)
 
+    def quantize_group(self, group: str | None, members: list[tuple[str, torch.Tensor, type[BlockFormat]]]
+                       ) -> list[tuple[QuantBlocks, LinearReport]]:
+        """``quantize`` of each linear of one group (checkpoint name, W [co, ci], format), in order.
+
+        The members share their input, and the statistics ``observe`` gathered of it;
+        a method whose math treats rows apart under them (GPTQ) quantizes the members
+        of one format in one pass over their rows stacked. The default: one by one.
+        """
+        return [self.quantize(name, group, W, fmt) for name, W, fmt in members]
+
     def rounded(self, name: str) -> torch.Tensor | None:
         """The continuous weights [co, ci] the last ``quantize`` of ``name`` rounded, where they are
         not the weights it was given (GPTQ: its error-updated weights, whose nearest codes its codes
@@ -117,6 +127,20 @@ class Method:
 
     def end_group(self, group: str) -> None:
         """Free whatever was gathered for a finished group."""
+
+
+def by_format(members: list[tuple[str, torch.Tensor, type[BlockFormat]]]) -> dict[type[BlockFormat], list[int]]:
+    """The indices of a group's members by target format, in order: the ones a joined pass can take together."""
+    out: dict[type[BlockFormat], list[int]] = {}
+    for i, (_, _, fmt) in enumerate(members):
+        out.setdefault(fmt, []).append(i)
+    return out
+
+
+def row_shares(members: list[tuple[str, torch.Tensor, type[BlockFormat]]], idx: list[int], seconds: float) -> list[float]:
+    """A joined pass's time split over its members (``idx``) by their row counts, for the reports."""
+    rows = [members[i][1].shape[0] for i in idx]
+    return [seconds * r / sum(rows) for r in rows]
 
 
 _REGISTRY["rtn"] = Method

@@ -538,16 +538,56 @@ def gptq_quantize(
     XᵀX/n, gives bit for bit the result of passing h_scale·H).
     Raises HessianError if H is all zero or non-finite, or stays indefinite.
     """
-    co, ci = W.shape
+    return gptq_quantize_rows([W], H, fmt, damp=damp, act_order=act_order, block_cols=block_cols,
+                              scale_search=scale_search, search_loss=search_loss, h_scale=h_scale)[0]
+
+
+def _row_range(grid: Projection, co: int, rows: slice) -> Projection:
+    """The part of a grid in ggml order (row-major: every field's first dimension is co times a
+    per-row count) that belongs to ``rows``."""
+    def part(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.reshape(co, -1, *t.shape[1:])[rows].reshape(-1, *t.shape[1:])
+
+    return Projection(**{f.name: part(getattr(grid, f.name)) for f in fields(Projection)})
+
+
+def gptq_quantize_rows(
+    Ws: list[torch.Tensor],
+    H: torch.Tensor,
+    fmt: type[BlockFormat],
+    *,
+    damp: float = 0.01,
+    act_order: bool = False,
+    block_cols: int = 128,
+    scale_search: bool = True,
+    search_loss: str = "hdiag",
+    h_scale: float = 1.0,
+) -> list[GPTQResult]:
+    """``gptq_quantize`` of linears that share one input (q/k/v, gate/up: one H), in one walk over
+    their rows stacked, ``[Σ co, ci]``; one result per ``Ws[i] [co_i, ci]``, in order.
+
+    Every step of the walk treats rows apart (a block's grid search, a column's
+    rounding and error, the update of later columns), so each result is the one
+    ``Ws[i]`` gets alone. One walk pays the column loop's Python steps (a few
+    tiny torch ops per column) once for the group instead of once per linear,
+    and hands each search enough rows to keep every thread busy; H's factor is
+    computed once.
+    """
+    ci = Ws[0].shape[1]
     gw, sub = fmt.block_size, fmt.sub_size
     block_cols = max(block_cols, gw)
+    if any(W.shape[1] != ci for W in Ws):
+        raise ValueError(f"joined linears must share their input width, not {[tuple(W.shape) for W in Ws]}")
     if ci % gw or block_cols % gw:
         raise ValueError(f"ci ({ci}) and block_cols ({block_cols}) must be multiples of {gw}")
     if search_loss not in ("hdiag", "gptq"):
         raise ValueError(f"search_loss must be 'hdiag' or 'gptq', not {search_loss!r}")
     if not torch.isfinite(H).all():
         raise HessianError("Hessian has non-finite entries")
-    W0 = W.detach().to(torch.float32).contiguous()
+    # one linear: no copy where W is float32 already (a 70B down_proj is 0.9 GB)
+    W0 = (Ws[0].detach().to(torch.float32) if len(Ws) == 1
+          else torch.cat([W.detach().to(torch.float32) for W in Ws])).contiguous()
+    co = W0.shape[0]
     H0 = H.detach().to(W0.device)  # read only: the float64 work copy is built in visiting order, see _inverse_cholesky
     dead = H0.diagonal() == 0
     if dead.all():
@@ -595,13 +635,18 @@ def gptq_quantize(
         grid = pieces[0] if act_order else _joined(pieces, co)
     else:
         grid = Projection(scales=S.reshape(-1), mins=None if M is None else M.reshape(-1))
-    q = fmt.blocks(Q, grid)  # the numpy edge: what pack writes
     W_hat = _dequant(Q.reshape(co, nb, sub), S, M).reshape(co, ci)
     rtn_codes, rtn_grid = fmt.rtn_torch(_blocks(W0, gw))
     W_rtn = _dequant(rtn_codes, rtn_grid.scales, rtn_grid.mins).reshape(co, ci)
-    rel, rel_rtn = _rel_err(W0, H0, W_hat, W_rtn)  # ratios: the same for h_scale·H
-    return GPTQResult(q=q, W_hat=W_hat, rel_err=rel, rel_err_rtn=rel_rtn, damp=damp, n_dead=int(dead.sum()),
-                      rounded=W)
+    results, r0 = [], 0
+    for Wi in Ws:
+        r = slice(r0, r0 + Wi.shape[0])
+        r0 = r.stop
+        rel, rel_rtn = _rel_err(W0[r], H0, W_hat[r], W_rtn[r])  # ratios: the same for h_scale·H
+        results.append(GPTQResult(q=fmt.blocks(Q[r], _row_range(grid, co, r)),  # the numpy edge: what pack writes
+                                  W_hat=W_hat[r], rel_err=rel, rel_err_rtn=rel_rtn, damp=damp,
+                                  n_dead=int(dead.sum()), rounded=W[r]))
+    return results
 
 
 __all__ = [
@@ -610,6 +655,7 @@ __all__ = [
     "HessianError",
     "accumulate_hessian",
     "gptq_quantize",
+    "gptq_quantize_rows",
     "rtn_search",
     "search_grid",
 ]

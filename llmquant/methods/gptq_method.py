@@ -2,7 +2,8 @@
 
 The math lives in ``gptq.py``; this object only keeps one Hessian per group
 of linears that share an input (q/k/v, gate/up), as the pipeline feeds it,
-and falls back to RTN with a warning when a Hessian is unusable.
+walks the members of one format together (``gptq_quantize_rows``), and falls
+back to RTN with a warning when a Hessian is unusable.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import warnings
 import torch
 
 from ..formats import BlockFormat, QuantBlocks
-from .base import LinearReport, Method
-from .gptq import GPTQResult, HessianAccumulator, HessianError, gptq_quantize
+from .base import LinearReport, Method, by_format, row_shares
+from .gptq import HessianAccumulator, HessianError, gptq_quantize_rows
 
 
 class GPTQMethod(Method, method="gptq"):
@@ -31,22 +32,33 @@ class GPTQMethod(Method, method="gptq"):
         acc.add(x)
 
     def quantize(self, name: str, group: str | None, W: torch.Tensor, fmt: type[BlockFormat]) -> tuple[QuantBlocks, LinearReport]:
-        t0 = time.perf_counter()
+        return self.quantize_group(group, [(name, W, fmt)])[0]
+
+    def quantize_group(self, group, members):
         acc = self._acc.get(group) if group else None
         if acc is None:
-            return super().quantize(name, group, W, fmt)
-        try:
-            res: GPTQResult = gptq_quantize(W, acc.hessian(), fmt, damp=self.damp, act_order=self.act_order,
-                                            block_cols=self.block_cols, scale_search=self.scale_search)
-        except HessianError as exc:
-            warnings.warn(f"{name}: {exc}; falling back to RTN", stacklevel=2)
-            q, report = super().quantize(name, group, W, fmt)
-            report.extra["fallback"] = str(exc)
-            return q, report
-        report = LinearReport(name, seconds=time.perf_counter() - t0, err_rtn=res.rel_err_rtn, err_method=res.rel_err,
-                              extra={"damp": res.damp, "dead_columns": res.n_dead})
-        self._keep_rounded(name, res.rounded)
-        return res.q, report
+            return [Method.quantize(self, name, group, W, fmt) for name, W, fmt in members]
+        out: list = [None] * len(members)
+        for fmt, idx in by_format(members).items():
+            t0 = time.perf_counter()
+            try:
+                results = gptq_quantize_rows([members[i][1] for i in idx], acc.hessian(), fmt, damp=self.damp,
+                                             act_order=self.act_order, block_cols=self.block_cols,
+                                             scale_search=self.scale_search)
+            except HessianError as exc:
+                for i in idx:
+                    name, W, _ = members[i]
+                    warnings.warn(f"{name}: {exc}; falling back to RTN", stacklevel=2)
+                    q, report = Method.quantize(self, name, group, W, fmt)
+                    report.extra["fallback"] = str(exc)
+                    out[i] = q, report
+                continue
+            for i, res, seconds in zip(idx, results, row_shares(members, idx, time.perf_counter() - t0), strict=True):
+                name = members[i][0]
+                self._keep_rounded(name, res.rounded)
+                out[i] = res.q, LinearReport(name, seconds=seconds, err_rtn=res.rel_err_rtn, err_method=res.rel_err,
+                                             extra={"damp": res.damp, "dead_columns": res.n_dead})
+        return out
 
     def end_group(self, group: str) -> None:
         self._acc.pop(group, None)

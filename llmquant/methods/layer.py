@@ -103,14 +103,17 @@ def sequential_walk(method, work: LayerWork) -> dict[str, QuantBlocks]:
             codes[work.name(rel)] = q
             if work.keep_continuous:
                 work.continuous[rel] = work.layer.get_submodule(rel).weight.data.detach().clone()
-        for rel in g.members:
-            module = work.layer.get_submodule(rel)
-            fmt = fmts[rel]
-            before = module.weight.data.detach().clone() if work.keep_continuous else None
-            q, report = method.quantize(work.name(rel), key, module.weight.data, fmt)
+        modules = {rel: work.layer.get_submodule(rel) for rel in g.members}
+        # the members share the inputs observed above, so they are quantized together, from the weights
+        # as they are now, and only then set to their dequantization
+        quantized = method.quantize_group(key, [(work.name(rel), modules[rel].weight.data, fmts[rel])
+                                                for rel in g.members])
+        for rel, (q, report) in zip(g.members, quantized, strict=True):
+            module, fmt = modules[rel], fmts[rel]
             rounded = method.rounded(work.name(rel))  # taken either way: the method lets go of it
             if work.keep_continuous:
-                work.continuous[rel] = before if rounded is None else rounded.reshape(before.shape)
+                work.continuous[rel] = (module.weight.data.detach().clone() if rounded is None
+                                        else rounded.reshape(module.weight.shape))
             module.weight.data = to_torch(fmt.dequantize(q), module.weight).reshape(module.weight.shape)
             codes[work.name(rel)] = q
             work.reports.append(report)
