@@ -106,7 +106,7 @@ def quantize(
     config = read_config(model_dir)
     spec = get_arch(config)
     spec.check_config(config)
-    check_tokenizer_files(model_dir)
+    tokenizer_json = check_tokenizer_files(model_dir)
     calib = calibration or CalibrationConfig()
     from .card import card_path
 
@@ -130,6 +130,8 @@ def quantize(
     if meth.needs_calibration:
         from .loading.layers import LayerRunner
 
+        tokenizer_json = None  # not held across calibration (hundreds of MB at a 262k vocabulary): parsed again
+
         tokens = calibration_tokens(model_dir, calib, progress=progress)
         runner = LayerRunner(model_dir, store, spec.layer_prefix, device=device)
     work = WorkDir(out)
@@ -145,7 +147,8 @@ def quantize(
     point = work.open(fingerprint(model_dir, store.files, settings), resume)
     try:
         with GGUFOutput(out, spec.gguf_name, tmp=work.partial) as output:
-            add_metadata(output.writer, spec, config, model_dir, recipe, meth.name)
+            add_metadata(output.writer, spec, config, model_dir, recipe, meth.name, tokenizer_json)
+            tokenizer_json = None  # a 262k vocabulary's is hundreds of MB: not held across the layers
             if imatrix_read is not None:
                 _add_imatrix_metadata(output.writer, Path(imatrix), imatrix_read)
             output.declare(plan.tensors, None if point is None else (point.offset, point.n_written))

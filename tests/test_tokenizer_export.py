@@ -214,3 +214,81 @@ def test_unigram_sentencepiece_raises(tmp_path: Path) -> None:
     writer = gguf.GGUFWriter(str(tmp_path / "x.gguf"), "llama")
     with pytest.raises(LlmquantError, match="unigram"):
         add_tokenizer(writer, tmp_path, 150)
+
+
+def _kv_bytes(writer_class: type[gguf.GGUFWriter], path: Path, add) -> bytes:
+    writer = writer_class(str(path), "llama")
+    add(writer)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("folder", ["smollm2", "spm_json_only", "spm_with_model", "gpt2"])
+def test_array_writer_writes_gguf_s_bytes(folder, smollm2_dir, spm_dirs, gpt2_dir, tmp_path, monkeypatch) -> None:
+    """The tokenizer's keys (texts, scores, types, merges), and arrays of every item type, packed
+    whole by ArrayWriter are the bytes gguf packs item by item."""
+    from llmquant.export.gguf_file import ArrayWriter
+
+    model_dir, vocab = {"smollm2": (smollm2_dir, 49152), "spm_json_only": (spm_dirs["json_only"], 1000),
+                        "spm_with_model": (spm_dirs["with_model"], 1000), "gpt2": (gpt2_dir, 832)}[folder]
+
+    def add(writer):
+        add_tokenizer(writer, model_dir, vocab)
+        writer.add_array("test.floats", [0.5, -1e30, 3.0])
+        writer.add_array("test.ints", [gguf.TokenType.NORMAL, 7, -2])
+        writer.add_array("test.bools", [True, False])
+        writer.add_array("test.bytes", [b"\xff\x00", "é", b""])
+        writer.add_array("test.one", ["x"])
+        writer.add_array("test.nested", [[1, 2], [3]])
+
+    calls = []
+    item_by_item = gguf.GGUFWriter._pack_val
+    monkeypatch.setattr(gguf.GGUFWriter, "_pack_val", lambda self, *a, **k: calls.append(1) or item_by_item(self, *a, **k))
+    ours = _kv_bytes(ArrayWriter, tmp_path / "ours.gguf", add)
+    assert len(calls) < 200  # the vocabulary's arrays did not go item by item
+    assert ours == _kv_bytes(gguf.GGUFWriter, tmp_path / "gguf.gguf", add)
+    assert len(calls) > vocab
+    assert len(ours) > 4 * vocab
+
+
+@pytest.mark.parametrize("values", [[1, 2.0], [1.0, 2], [1, True], ["a", 1]])
+def test_array_writer_refuses_mixed_arrays_as_gguf_does(values, tmp_path) -> None:
+    from llmquant.export.gguf_file import ArrayWriter
+
+    for writer_class in (gguf.GGUFWriter, ArrayWriter):
+        with pytest.raises(ValueError, match="same type"):
+            _kv_bytes(writer_class, tmp_path / "o.gguf", lambda w: w.add_array("test.mixed", values))
+
+
+def _post_processed(bos: bool, eos: bool) -> Tokenizer:
+    """A word-level tokenizer whose template adds <s> first and/or </s> last."""
+    from tokenizers import processors
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, "a": 3}, unk_token="<unk>"))
+    tok.add_special_tokens(["<s>", "</s>"])
+    single = " ".join([*(["<s>"] if bos else []), "$A", *(["</s>"] if eos else [])])
+    tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=[("<s>", 1), ("</s>", 2)])
+    return tok
+
+
+@pytest.mark.parametrize("bos,eos", [(True, False), (False, True), (True, True), (False, False)])
+def test_encode_probe_adds_what_the_whole_tokenizer_adds(bos, eos) -> None:
+    from llmquant.export.tokenizer import _encode_probe
+
+    tok = _post_processed(bos, eos)
+    probe = _encode_probe(json.loads(tok.to_str()), Path("tokenizer.json"))
+    whole = tok.encode("a", add_special_tokens=True).ids
+    assert (probe[0] == 1, probe[-1] == 2) == (whole[0] == 1, whole[-1] == 2) == (bos, eos)
+
+
+def test_encode_probe_on_the_default_model(smollm2_dir) -> None:
+    from llmquant.export.tokenizer import _encode_probe
+
+    tj = json.loads((smollm2_dir / "tokenizer.json").read_text())
+    whole = Tokenizer.from_file(str(smollm2_dir / "tokenizer.json")).encode("a", add_special_tokens=True).ids
+    probe = _encode_probe(tj, smollm2_dir / "tokenizer.json")
+    specials = {a["id"] for a in tj["added_tokens"]}
+    assert [i in specials for i in probe] == [i in specials for i in whole]
+    assert len(probe) == len(whole)

@@ -53,6 +53,43 @@ class PlannedTensor:
         return int(np.prod(self.shape, dtype=np.int64))
 
 
+# metadata array item types packed as one numpy array: (dtype, the Python type every item must be)
+_NUMERIC_ARRAYS = {gguf.GGUFValueType.INT32: ("<i4", int), gguf.GGUFValueType.FLOAT32: ("<f4", float)}
+
+
+class ArrayWriter(gguf.GGUFWriter):
+    """gguf's writer, with long metadata arrays packed whole.
+
+    gguf packs an array one ``struct.pack`` per item, and a 262k-token vocabulary
+    (its texts, scores and types) or half a million merges then take most of a
+    second. Arrays of strings or of int32/float32 numbers are packed here in one
+    pass each, into the bytes gguf writes (same layout, same type rule: the first
+    item's type, every item of that type; tests compare the two byte for byte);
+    anything else goes to gguf.
+    """
+
+    def _pack_val(self, val, vtype, add_vtype, sub_type=None) -> bytes:
+        if (vtype != gguf.GGUFValueType.ARRAY or not isinstance(val, (list, tuple)) or len(val) < 2
+                or self.endianess != gguf.GGUFEndian.LITTLE):
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        ltype = sub_type if sub_type is not None else gguf.GGUFValueType.get_type(val[0])
+        kinds = set(map(type, val))
+        if ltype == gguf.GGUFValueType.STRING and all(issubclass(k, (str, bytes)) for k in kinds):
+            items = [v.encode("utf-8") if isinstance(v, str) else v for v in val]
+            lengths = np.fromiter(map(len, items), dtype="<u8", count=len(items)).tobytes()
+            parts = [b""] * (2 * len(items))
+            parts[0::2] = [lengths[i : i + 8] for i in range(0, len(lengths), 8)]
+            parts[1::2] = items
+            body = b"".join(parts)
+        elif ltype in _NUMERIC_ARRAYS and all(issubclass(k, _NUMERIC_ARRAYS[ltype][1]) and not issubclass(k, bool)
+                                               for k in kinds):
+            body = np.asarray(val, dtype=_NUMERIC_ARRAYS[ltype][0]).tobytes()
+        else:
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        head = np.array([vtype] if add_vtype else [], dtype="<u4").tobytes()
+        return head + np.array([ltype], dtype="<u4").tobytes() + np.array([len(val)], dtype="<u8").tobytes() + body
+
+
 class GGUFOutput:
     """Context manager: declare, stream tensors in plan order, then commit.
 
@@ -65,7 +102,7 @@ class GGUFOutput:
     def __init__(self, out: Path, arch_name: str, tmp: Path):
         self.out = Path(out)
         self.tmp = Path(tmp)  # the partial file; its work folder decides whether it outlives a failure
-        self.writer = gguf.GGUFWriter(None, arch_name)
+        self.writer = ArrayWriter(None, arch_name)
         self._fh = None
         self._pending: list[PlannedTensor] = []
         self._n_written = 0

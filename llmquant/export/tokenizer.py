@@ -14,6 +14,7 @@ every tokenization the quantized model sees.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections import Counter
@@ -97,12 +98,11 @@ def _check_tokenizer_json(tj: dict[str, Any], path: Path) -> None:
     vocab = model.get("vocab")
     if model.get("type") == "Unigram":
         return  # refused by name later
-    if not isinstance(vocab, dict) or not all(type(i) is int and i >= 0 for i in vocab.values()):
+    # a few C-level passes (map, set) per field: Gemma 3's file has 262k tokens and 515k merges
+    if not isinstance(vocab, dict) or set(map(type, vocab.values())) - {int} or min(vocab.values(), default=0) < 0:
         raise bad("model.vocab", vocab, "an object mapping token texts to ids >= 0")
     merges = model.get("merges", [])
-    if not isinstance(merges, list) or not all(
-            (isinstance(m, str) and " " in m) or (isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m))
-            for m in merges):
+    if not isinstance(merges, list) or not _merges_well_formed(merges):
         raise bad("model.merges", merges, "a list of 'left right' strings or [left, right] pairs")
     added = tj.get("added_tokens", [])
     if not isinstance(added, list) or not all(
@@ -112,6 +112,16 @@ def _check_tokenizer_json(tj: dict[str, Any], path: Path) -> None:
     for key in ("pre_tokenizer", "normalizer", "decoder"):
         if not isinstance(tj.get(key), (dict, type(None))):
             raise bad(key, tj[key], "an object or null")
+
+
+def _merges_well_formed(merges: list) -> bool:
+    """Every merge a 'left right' string, or every merge a [left, right] pair of strings."""
+    kinds = set(map(type, merges))
+    if kinds == {str}:
+        return all(map(str.__contains__, merges, itertools.repeat(" ")))
+    if kinds == {list}:
+        return set(map(len, merges)) == {2} and set(map(type, itertools.chain.from_iterable(merges))) == {str}
+    return not merges
 
 
 def _read_sp_model(path: Path):
@@ -129,14 +139,17 @@ def _read_sp_model(path: Path):
     return proto
 
 
-def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> TokenizerInfo:
+def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int,
+                  tokenizer_json: dict[str, Any] | None = None) -> TokenizerInfo:
     """Add every tokenizer key for the checkpoint in ``model_dir`` to ``writer``.
 
     ``vocab_size`` is the embedding row count (config.json); the token list is padded
     with UNUSED ``[PAD{i}]`` entries up to it, because llama.cpp indexes logits by id.
+    ``tokenizer_json``: what ``check_tokenizer_files`` returned for this folder, where the
+    caller checked it already (a 262k-token tokenizer.json takes most of a second to parse).
     """
     model_dir = Path(model_dir)
-    tj = check_tokenizer_files(model_dir)
+    tj = tokenizer_json if tokenizer_json is not None else check_tokenizer_files(model_dir)
     sp_file = model_dir / "tokenizer.model"
     name = f"the tokenizer in {model_dir}"
     if tj is not None and _is_byte_level_bpe(tj):
@@ -366,12 +379,7 @@ def _add_specials(writer: gguf.GGUFWriter, model_dir: Path, tj: dict[str, Any] |
         raise LlmquantError(f"no BPE merges in {model_dir}: llama.cpp cannot load a gpt2 vocab without them")
     ids = special.special_token_ids
     if tj is not None and not {"bos", "eos"} <= special.add_special_token.keys():
-        from tokenizers import Tokenizer
-
-        try:
-            probe = Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode("a", add_special_tokens=True).ids
-        except Exception as exc:  # the Rust library raises a bare Exception on a malformed file
-            raise LlmquantError(f"the tokenizers library cannot load {model_dir / 'tokenizer.json'}: {exc}") from None
+        probe = _encode_probe(tj, model_dir / "tokenizer.json")
         special.add_special_token.setdefault("bos", bool(probe) and probe[0] == ids.get("bos"))
         special.add_special_token.setdefault("eos", bool(probe) and probe[-1] == ids.get("eos"))
     if special.chat_template is None:
@@ -381,6 +389,26 @@ def _add_specials(writer: gguf.GGUFWriter, model_dir: Path, tj: dict[str, Any] |
     return TokenizerInfo(model=model, pre=pre, n_tokens=n_tokens, bos_id=ids.get("bos"), eos_id=ids.get("eos"),
                          add_bos=add_bos, add_eos=special.add_special_token.get("eos", False),
                          has_chat_template=special.chat_template is not None)
+
+
+def _encode_probe(tj: dict[str, Any], path: Path) -> list[int]:
+    """The ids HF's tokenizer gives ``"a"`` with its special tokens added: whether its
+    post-processor puts bos first and eos last.
+
+    Asked of the tokenizer's own normalizer, pre-tokenizer, added tokens and
+    post-processor over a one-word vocabulary: building the real BPE model (half a
+    million merges in Gemma 3's) costs as much as parsing its JSON, and the word's id
+    never is a special token's (it lies past every id the file names).
+    """
+    from tokenizers import Tokenizer
+
+    vocab = tj["model"].get("vocab") or {}
+    above = 1 + max([len(vocab), *vocab.values(), *(a["id"] for a in tj.get("added_tokens", []))])
+    slim = {**tj, "model": {"type": "WordLevel", "vocab": {"[probe]": above}, "unk_token": "[probe]"}}
+    try:
+        return Tokenizer.from_str(json.dumps(slim)).encode("a", add_special_tokens=True).ids
+    except Exception as exc:  # the Rust library raises a bare Exception on a malformed file
+        raise LlmquantError(f"the tokenizers library cannot load {path}: {exc}") from None
 
 
 def _chat_template(model_dir: Path) -> str | None:
