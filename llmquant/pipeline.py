@@ -243,17 +243,18 @@ class Pipeline:
                 formats.update({rel: get_format(self.plan[prefix + rel + ".weight"].type) for rel in members})
                 groups.append(Group(members, self.spec.smooth_from.get(group[0])))
 
-        def feed(module, observe):
+        def feed(module, observe, inputs=None, copy=None):
             def timed(x):
                 with clock("statistics"):
                     observe(x)
 
             with clock("forward"):
-                self.runner.feed(layer, hidden, module, timed, batch_size)
+                self.runner.feed(layer if copy is None else copy, hidden if inputs is None else inputs, module, timed,
+                                 batch_size, self.runner.kwargs_for(layer))
 
         work = LayerWork(index=i, prefix=prefix, layer=layer, inputs=hidden, kwargs=self.runner.kwargs_for(layer),
                          formats=formats, groups=groups, batch_size=batch_size, norm_shift=self.spec.norm_shift,
-                         feed=feed)
+                         feed=feed, fp_inputs=fp_hidden)
         if fp_hidden is not None:  # before the method rounds anything: the full-precision layer
             with clock("forward"):
                 work.targets = fp_hidden = work.outputs(fp_hidden)

@@ -27,8 +27,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import llmquant
-from llmquant.errors import LlmquantError
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark import method_spec  # noqa: E402
+
+import llmquant  # noqa: E402
+from llmquant.errors import LlmquantError  # noqa: E402
 from llmquant.eval.perplexity import evaluate
 
 LLAMA_CPP = "llama.cpp"
@@ -90,11 +93,12 @@ def _files(args, out: Path) -> list[dict]:
                          "path": path})
         for method in args.methods.split(","):
             path = out / f"{method}-{args.type}-source{i}.gguf"
+            name, options = method_spec(method)  # awq+gptq@gptq_target=model: a method with options
             if not path.exists():
                 print(f"quantizing {method} on {source} ...", file=sys.stderr)
-                calib = _calibration(args, source) if method_registry()[method].needs_calibration else None
-                llmquant.quantize(args.model, path, type=args.type, method=method, calibration=calib,
-                                  threads=args.threads, progress=False)
+                calib = _calibration(args, source) if method_registry()[name].needs_calibration else None
+                llmquant.quantize(args.model, path, type=args.type, method=name, method_options=options or None,
+                                  calibration=calib, threads=args.threads, progress=False)
             rows.append({"file": f"{method} [{source}]", "method": method, "source": source, "path": path})
     return rows
 

@@ -816,6 +816,8 @@ def test_numeric_option_out_of_range(opt, value, method, tiny, tmp_path, capsys)
     ("gptq", "model", "error: --tune-target does not apply to --method gptq"),
     ("tune", "kld", "error: --tune-loss must be one of normed, hidden, got 'kld'"),
     ("awq", "normed", "error: --tune-loss does not apply to --method awq"),
+    ("gptq", "everything", "error: --gptq-target must be one of layer, model, got 'everything'"),
+    ("awq", "model", "error: --gptq-target does not apply to --method awq"),
 ])
 def test_word_option_outside_its_choices(method, value, expect, tiny, tmp_path, capsys):
     from llmquant.cli import main

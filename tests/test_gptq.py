@@ -12,9 +12,11 @@ from llmquant.methods import gptq
 from llmquant.methods.gptq import (
     HessianAccumulator,
     HessianError,
+    accumulate_cross,
     accumulate_hessian,
     gptq_quantize,
     gptq_quantize_rows,
+    model_target,
     rtn_search,
 )
 
@@ -457,3 +459,57 @@ def test_joined_walk_needs_one_input_width():
     H = torch.eye(64)
     with pytest.raises(ValueError, match="share their input width"):
         gptq_quantize_rows([torch.randn(4, 64), torch.randn(4, 32)], H, get_format("q4_0"))
+
+
+def _two_streams(noise: float, n: int = 2048, ci: int = 256, seed: int = 3):
+    """Full-precision inputs X [n, ci] and the quantized model's Xq = X + noise, with H and D from them."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, ci, generator=g) * (torch.rand(ci, generator=g) * 2 + 0.1)
+    Xq = X + noise * torch.randn(n, ci, generator=g) * X.abs().mean(0)
+    H = torch.zeros(ci, ci)
+    accumulate_hessian(H, Xq)
+    D = torch.zeros(ci, ci)
+    accumulate_cross(D, X, Xq)
+    return X, Xq, H * (2 / n), D * (2 / n)
+
+
+def test_model_target_is_the_least_squares_fit_of_the_full_precision_output():
+    """W*·X̃ᵀX̃ = W·XᵀX̃ (undamped): X̃·W*ᵀ is the best linear fit of X·Wᵀ from the quantized inputs."""
+    X, Xq, H, D = _two_streams(0.2)
+    W = torch.randn(48, 256, generator=torch.Generator().manual_seed(1))
+    (Ws,) = model_target([W], H, D, damp=0.0)
+    residual = (Xq @ Ws.T - X @ W.T).T @ Xq  # the normal equations' gradient
+    assert residual.abs().max() < 1e-4 * (X @ W.T).T.abs().max() * Xq.abs().max()
+    fit = ((Xq @ Ws.T - X @ W.T) ** 2).sum()
+    assert fit < 0.95 * ((Xq @ W.T - X @ W.T) ** 2).sum()
+
+
+def test_model_target_is_w_where_both_streams_agree():
+    X, _, _, _ = _two_streams(0.0)
+    H, D = torch.zeros(256, 256), torch.zeros(256, 256)
+    accumulate_hessian(H, X)
+    accumulate_cross(D, X, X)
+    assert not D.any()
+    Ws = [torch.randn(8, 256), torch.randn(3, 256)]
+    assert all(torch.equal(a, b) for a, b in zip(model_target(Ws, H, D), Ws, strict=True))
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q4_K", "q6_K"])
+@pytest.mark.parametrize("noise", [0.05, 0.3])
+def test_gptq_of_the_model_target_fits_the_full_precision_output_better(name, noise):
+    """GPTQ of W* under H leaves less error against the full-precision model's output than GPTQ
+    of W, on inputs that the quantized layers before have moved; two linears walked together
+    get what each gets alone."""
+    X, Xq, H, D = _two_streams(noise)
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(64, 256, generator=g)
+    fmt = get_format(name)
+
+    def err(W_hat):
+        return float(((Xq @ W_hat.T - X @ W.T) ** 2).sum())
+
+    (Ws,) = model_target([W], H, D)
+    assert err(gptq_quantize(Ws, H, fmt).W_hat) < err(gptq_quantize(W, H, fmt).W_hat)
+    W2 = torch.randn(16, 256, generator=g)
+    both = model_target([W, W2], H, D)
+    assert torch.equal(both[0], Ws) and torch.equal(both[1], model_target([W2], H, D)[0])

@@ -176,3 +176,78 @@ def test_layer_arguments_are_captured_on_one_thread(tiny_llama):
         torch.set_num_threads(before)
     cos, sin = runner.layer_kwargs[0]["position_embeddings"]
     assert cos.shape[:2] == (1, 16)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq+gptq"])
+def test_fitting_the_full_precision_model_changes_only_what_its_inputs_change(method, tiny_llama, tmp_path):
+    """--gptq-target model: layer 0's q/k/v see the same inputs in both streams (the embeddings),
+    so they get the codes plain GPTQ gives them; every later group sees inputs the quantized
+    layers moved, and its codes change."""
+    files = {}
+    for target in ("layer", "model"):
+        files[target] = tmp_path / f"{target}.gguf"
+        quantize(tiny_llama, files[target], type="q4_0", method=method, method_options={"gptq_target": target},
+                 calibration=CALIB, progress=False)
+    data = {t: {x.name: x.data.tobytes() for x in gguf.GGUFReader(f).tensors} for t, f in files.items()}
+    same = {name for name in data["layer"] if data["layer"][name] == data["model"][name]}
+    for name in ("blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.attn_v.weight"):
+        assert name in same
+    for name in ("blk.0.attn_output.weight", "blk.0.ffn_down.weight", "blk.1.attn_q.weight", "blk.1.ffn_up.weight"):
+        assert name not in same
+
+
+def test_file_dequantizes_to_exactly_the_weights_gptq_fitted_to_the_model(tiny_llama, tmp_path):
+    method = RecordingGPTQ(gptq_target="model")
+    out = tmp_path / "m.gguf"
+    quantize(tiny_llama, out, type="q4_K", method=method, calibration=CALIB, progress=False)
+    config = read_config(tiny_llama)
+    spec = get_arch(config)
+    by_name = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    assert len(method.w_hat) == 7 * 2
+    for hf_name, w_hat in method.w_hat.items():
+        t = by_name[spec.gguf_tensor_name(hf_name, 2)]
+        deq = gguf.quants.dequantize(t.data.view(np.uint8), t.tensor_type)
+        assert np.array_equal(deq, spec.to_gguf_rows(hf_name, w_hat, config)), hf_name
+
+
+class PairsSeen(GPTQMethod):
+    """gptq fitted to the model, keeping every input pair it observes."""
+
+    def __init__(self, **kw):
+        super().__init__(gptq_target="model", **kw)
+        self.pairs: dict[str, list] = {}
+
+    def observe_pair(self, group, x_fp, x):
+        self.pairs.setdefault(group, []).append((x_fp.clone(), x.clone()))
+        super().observe_pair(group, x_fp, x)
+
+
+def test_full_precision_inputs_are_the_hf_models_own(tiny_llama, tmp_path):
+    """What ``--gptq-target model`` pairs with each quantized input is what the unquantized HF model
+    feeds that linear on the same calibration tokens (forward pre-hooks on transformers' own modules),
+    batch for batch; the quantized stream's inputs differ from it after the first group."""
+    from transformers import AutoModelForCausalLM
+
+    from llmquant.calibration import calibration_tokens
+
+    method = PairsSeen()
+    quantize(tiny_llama, tmp_path / "m.gguf", type="q4_0", method=method, calibration=CALIB, progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, torch_dtype=torch.float32).eval()
+    seen = {}
+    modules = {f"{i}:{rel}": layer.get_submodule(rel) for i, layer in enumerate(hf.model.layers)
+               for rel in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")}
+    hooks = [m.register_forward_pre_hook(lambda _m, args, key=key: seen.setdefault(key, args[0].clone()))
+             for key, m in modules.items()]
+    with torch.no_grad():
+        hf(calibration_tokens(tiny_llama, CALIB))
+    for h in hooks:
+        h.remove()
+    assert method.pairs.keys() == modules.keys()
+    for key, pairs in method.pairs.items():
+        x_fp = torch.cat([p[0] for p in pairs])
+        x = torch.cat([p[1] for p in pairs])
+        torch.testing.assert_close(x_fp, seen[key], rtol=1e-4, atol=1e-4, msg=key)
+        if key != "0:self_attn.q_proj":
+            assert (x - x_fp).abs().max() > 1e-3, key
+        else:
+            assert torch.equal(x, x_fp)

@@ -181,10 +181,12 @@ def _registered_methods() -> list[str]:
     """Every method, but of the tune methods only ``tune`` and ``awq+gptq+tune``: ``gptq+tune`` and
     ``awq+tune`` differ from those only by their start method, which resumes here on its own (CI time);
     and tuning to the full-precision layer's outputs on the quantized inputs, the other ``--tune-target``
-    (the default carries a second, full-precision stream of hidden states across the layer boundary)."""
+    (the default carries a second, full-precision stream of hidden states across the layer boundary);
+    and awq+gptq fitted to the full-precision model (which carries that stream too, without tuning)."""
     from llmquant.methods import METHODS
 
-    return [m for m in METHODS if m not in ("gptq+tune", "awq+tune")] + ["awq+gptq+tune --tune-target layer"]
+    return [m for m in METHODS if m not in ("gptq+tune", "awq+tune")] + ["awq+gptq+tune --tune-target layer",
+                                                                         "awq+gptq --gptq-target model"]
 
 
 @pytest.mark.parametrize("method", _registered_methods())

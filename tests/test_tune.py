@@ -265,3 +265,18 @@ def test_gptq_hands_over_the_weights_it_rounded(qtype, act_order):
     near = fmt.nearest_codes(res.rounded.reshape(16, -1, fmt.sub_size), s, m)
     assert torch.equal(near, codes)
     assert not torch.equal(fmt.nearest_codes(W.reshape(16, -1, fmt.sub_size), s, m), codes)
+
+
+def test_tuning_starts_from_gptq_fitted_to_the_model(tiny_llama, tmp_path):
+    """gptq_target reaches the start method: with no steps, awq+gptq+tune writes awq+gptq's own
+    tensors for either target, and the two targets differ."""
+    files = {}
+    for method, options in (("awq+gptq+tune", {"steps": 0, "gptq_target": "model", "n_grid": 5}),
+                            ("awq+gptq", {"gptq_target": "model", "n_grid": 5}),
+                            ("awq+gptq", {"n_grid": 5})):
+        path = tmp_path / f"{method}-{len(options)}.gguf"
+        quantize(tiny_llama, path, type="q4_0", method=method, method_options=options, calibration=CALIB,
+                 progress=False)
+        files[(method, options.get("gptq_target", "layer"))] = _tensor_bytes(path)
+    assert files[("awq+gptq+tune", "model")] == files[("awq+gptq", "model")]
+    assert files[("awq+gptq", "model")] != files[("awq+gptq", "layer")]

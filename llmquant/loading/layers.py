@@ -140,18 +140,21 @@ class LayerRunner:
         self.decoder.layers[i].to("meta")
 
     @torch.no_grad()
-    def feed(self, layer: nn.Module, hidden: torch.Tensor, module: nn.Module, observe, batch_size: int) -> None:
+    def feed(self, layer: nn.Module, hidden: torch.Tensor, module: nn.Module, observe, batch_size: int,
+             kwargs: dict | None = None) -> None:
         """Pass each batch of ``hidden`` through ``layer`` only as far as ``module``'s input.
 
         observe(x) gets that input (x [batch, seq, ci]); the rest of the layer is
         skipped, which makes the true-sequential passes about half as costly.
+        kwargs: the layer's captured arguments, given where ``layer`` is a copy of one
+        of the decoder's layers (default: ``kwargs_for(layer)``).
         """
 
         def stop(_module, args):
             observe(args[0])
             raise _StopForward
 
-        kwargs = self.kwargs_for(layer)
+        kwargs = self.kwargs_for(layer) if kwargs is None else kwargs
         hook = module.register_forward_pre_hook(stop)
         try:
             for batch in hidden.split(batch_size):

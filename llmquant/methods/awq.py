@@ -97,10 +97,12 @@ from .gptq import (
     _codes,
     _quant_blocks,
     _slices,
+    accumulate_cross,
     gptq_quantize_rows,
     lstsq_grid,
     super_grid,
 )
+from .gptq_method import GPTQ_TARGETS, fitted_weights
 
 CLIP_RATIOS = tuple(1 - 0.025 * i for i in range(13))  # 1.0 … 0.7 (every other one for types with a min)
 REFITS = 2
@@ -377,6 +379,7 @@ class _Group:
     abs_sum: torch.Tensor
     s: torch.Tensor | None = None  # per input channel, as applied (None: unscaled)
     G: torch.Tensor | None = None  # Gram matrix of the (scaled) inputs, /n
+    cross: torch.Tensor | None = None  # Σ (x_fp - x)ᵀ x [ci, ci] where observed in pairs; /n and scaled as G
     base: dict = field(default_factory=dict)  # member -> (rtn error, ‖W x‖²) on the original layer
     extra: dict = field(default_factory=dict)
 
@@ -407,6 +410,8 @@ class AWQMethod(Method, method="awq"):
             return None
         G = st.acc.mean().to(torch.float32)
         st.G = G
+        if st.cross is not None:
+            st.cross.div_(st.acc.n)
         Ws = {rel: layer.get_submodule(rel).weight.data.to(torch.float32) for rel in members}
         fmts = fmts or {}
         for rel, W in Ws.items():
@@ -445,6 +450,8 @@ class AWQMethod(Method, method="awq"):
         revised = fold_scales(layer, members, smooth, best_s, index, done, norm_offset)
         st.s = best_s[index]
         st.G = scale_gram_(G, st.s)
+        if st.cross is not None:
+            scale_gram_(st.cross, st.s)  # x_fp and x both divided by s
         return revised
 
     def _codes_for(self, st: _Group, members: list[tuple[str, torch.Tensor, type[BlockFormat]]]
@@ -489,17 +496,36 @@ class AWQGPTQMethod(AWQMethod, method="awq+gptq"):
 
 
     def __init__(self, n_grid: int = 20, damp: float = 0.01, act_order: bool = False, scale_search: bool = True,
-                 block_cols: int = 128, clip_ratios=CLIP_RATIOS):
+                 block_cols: int = 128, clip_ratios=CLIP_RATIOS, gptq_target: str = "layer"):
         super().__init__(n_grid, clip_ratios)
+        if gptq_target not in GPTQ_TARGETS:
+            raise ValueError(f"gptq_target must be one of {GPTQ_TARGETS}, not {gptq_target!r}")
         self.damp, self.act_order, self.scale_search, self.block_cols = damp, act_order, scale_search, block_cols
+        self.gptq_target = gptq_target
+
+    @property
+    def observes_fp_inputs(self) -> bool:
+        return self.gptq_target == "model"
+
+    needs_fp_stream = observes_fp_inputs
+
+    def observe_pair(self, group: str, x_fp: torch.Tensor, x: torch.Tensor) -> None:
+        self.observe(group, x)
+        st = self._groups[group]
+        if st.cross is None:
+            st.cross = torch.zeros(x.shape[-1], x.shape[-1], device=x.device)
+        accumulate_cross(st.cross, x_fp.detach(), x.detach())
 
     def _codes_for(self, st, members):
         out: list = [None] * len(members)
-        for fmt, idx in by_format(members).items():
+        groups = by_format(members)
+        targets = fitted_weights(members, groups, st.G, st.cross, self.damp)  # G and cross: both /n, both scaled
+        st.cross = None  # ci×ci: gone before the walks
+        for fmt, idx in groups.items():
             t0 = time.perf_counter()
             try:
                 # H = 2·G, doubled inside GPTQ's float64 work copy: no scaled float32 copy of G beside it
-                results = gptq_quantize_rows([members[i][1] for i in idx], st.G, fmt, damp=self.damp,
+                results = gptq_quantize_rows(targets.pop(fmt), st.G, fmt, damp=self.damp,
                                              act_order=self.act_order, block_cols=self.block_cols,
                                              scale_search=self.scale_search, h_scale=2.0)
             except HessianError as exc:

@@ -49,6 +49,9 @@ class Method:
     # also carry the full-precision model's stream of hidden states beside the quantized one, and hand
     # each layer its outputs there (LayerWork.targets)
     needs_fp_stream = False
+    # observe each group's inputs in pairs (``observe_pair``), the full-precision model's beside the
+    # quantized model's; implies needs_fp_stream
+    observes_fp_inputs = False
 
     def __init_subclass__(cls, method: str | None = None, **kw) -> None:
         super().__init_subclass__(**kw)
@@ -72,6 +75,11 @@ class Method:
 
     def observe(self, group: str, x: torch.Tensor) -> None:
         """Inputs of one group's shared input (x [..., ci]) from one calibration batch."""
+
+    def observe_pair(self, group: str, x_fp: torch.Tensor, x: torch.Tensor) -> None:
+        """One calibration batch's inputs of a group in the full-precision model (x_fp) and in the
+        quantized one (x), both [..., ci], the same tokens; for methods that set ``observes_fp_inputs``."""
+        raise NotImplementedError
 
     def prepare_group(self, group: str, layer: torch.nn.Module, members: list[str], smooth: str | None, *,
                       fmts: dict[str, type[BlockFormat]] | None = None,

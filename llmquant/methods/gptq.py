@@ -75,6 +75,53 @@ def accumulate_hessian(XtX: torch.Tensor, x: torch.Tensor) -> int:
     return x.shape[0]
 
 
+def accumulate_cross(D: torch.Tensor, x_fp: torch.Tensor, x: torch.Tensor) -> None:
+    """Add ``(x_fp - x)ᵀ x`` into ``D [ci, ci]`` in place (x_fp, x: [..., ci], the same tokens):
+    how the full-precision model's inputs differ from the quantized model's, seen through the latter."""
+    x = x.reshape(-1, D.shape[0]).to(D.dtype)
+    D.addmm_((x_fp.reshape(-1, D.shape[0]).to(D.dtype) - x).T, x)
+
+
+def model_target(Ws: list[torch.Tensor], H: torch.Tensor, D: torch.Tensor, damp: float = 0.01) -> list[torch.Tensor]:
+    """The weights W* [co, ci] that GPTQ rounds to fit the full-precision model instead of the layer.
+
+    With X̃ [n, ci] a linear's inputs in the quantized model and X the full-precision
+    model's on the same tokens, the error against the full-precision output,
+    ||X̃ Qᵀ - X Wᵀ||², is ||X̃ (Q - W*)ᵀ||² plus a constant for
+
+        W* = W + W·D·H⁻¹,   H = c·X̃ᵀX̃,  D = c·(X - X̃)ᵀX̃  (any one scale c),
+
+    the least-squares solution (W*·X̃ᵀX̃ = W·XᵀX̃). So GPTQ of W* under H minimizes
+    the output error against the full-precision model (asymmetric calibration, as
+    in GPTAQ, Li et al. 2025): each linear also makes up for what the quantized
+    layers before it changed in its input. W* = W where both streams agree.
+    H⁻¹ is damped as GPTQ damps it (damp · mean diag(H), dead columns' diagonal
+    1), retried with 10x the damping like GPTQ; the float64 work is one ci×ci matrix.
+    Ws: linears sharing this input, each [co_i, ci]; returns W* float32 for each.
+    """
+    WD = torch.cat([W.to(torch.float32) for W in Ws]) @ D.to(torch.float32)  # [Σ co, ci]
+    dead = H.diagonal() == 0
+    info = torch.empty((), dtype=torch.int32, device=H.device)
+    for attempt in range(_MAX_RETRIES + 1):
+        if attempt:
+            damp = damp * 10 if damp > 0 else 0.01
+        L = H.to(torch.float64)  # one float64 ci×ci matrix, factored in place
+        L.diagonal()[dead] = 1.0
+        L.diagonal().add_(damp * L.diagonal().mean())
+        torch.linalg.cholesky_ex(L, out=(L, info))
+        if info.item() == 0:
+            break
+    else:
+        raise HessianError(f"Hessian not positive definite even with damping {damp:g}")
+    shift = torch.cholesky_solve(WD.T.to(torch.float64), L).T.to(torch.float32)  # W·D·H⁻¹ (H symmetric)
+    del L, WD
+    out, r0 = [], 0
+    for W in Ws:
+        out.append(W.to(torch.float32) + shift[r0 : r0 + W.shape[0]])
+        r0 += W.shape[0]
+    return out
+
+
 class HessianAccumulator:
     """Sums ``XᵀX`` over calibration batches; ``hessian()`` (GPTQ) or ``mean()`` (AWQ) divides once, in place.
 
@@ -653,9 +700,11 @@ __all__ = [
     "GPTQResult",
     "HessianAccumulator",
     "HessianError",
+    "accumulate_cross",
     "accumulate_hessian",
     "gptq_quantize",
     "gptq_quantize_rows",
+    "model_target",
     "rtn_search",
     "search_grid",
 ]

@@ -15,21 +15,62 @@ import torch
 
 from ..formats import BlockFormat, QuantBlocks
 from .base import LinearReport, Method, by_format, row_shares
-from .gptq import HessianAccumulator, HessianError, gptq_quantize_rows
+from .gptq import HessianAccumulator, HessianError, accumulate_cross, gptq_quantize_rows, model_target
+
+GPTQ_TARGETS = ("layer", "model")
+
+
+def fitted_weights(members: list, groups: dict, H: torch.Tensor, D: torch.Tensor | None, damp: float) -> dict:
+    """Per format (``groups``: by_format of ``members``), the weights GPTQ rounds: the members' own,
+    or where D (the (x_fp - x)ᵀ x of the same tokens, scaled as H) was gathered, their
+    ``model_target``. Where H cannot be factored, the members' own: their walk then falls back
+    as it would."""
+    targets = {fmt: [members[i][1] for i in idx] for fmt, idx in groups.items()}
+    if D is None:
+        return targets
+    for fmt, Ws in targets.items():
+        try:
+            targets[fmt] = model_target(Ws, H, D, damp)
+        except HessianError:
+            pass
+    return targets
 
 
 class GPTQMethod(Method, method="gptq"):
+    """gptq_target: "layer" fits each linear's output on its own inputs (GPTQ); "model" fits the
+    full-precision model's output there (``model_target``), which observes each group's inputs in
+    both streams and holds a copy of the layer and a second ci×ci matrix per group."""
+
     needs_calibration = True
 
-    def __init__(self, damp: float = 0.01, act_order: bool = False, scale_search: bool = True, block_cols: int = 128):
+    def __init__(self, damp: float = 0.01, act_order: bool = False, scale_search: bool = True, block_cols: int = 128,
+                 gptq_target: str = "layer"):
+        if gptq_target not in GPTQ_TARGETS:
+            raise ValueError(f"gptq_target must be one of {GPTQ_TARGETS}, not {gptq_target!r}")
         self.damp, self.act_order, self.scale_search, self.block_cols = damp, act_order, scale_search, block_cols
+        self.gptq_target = gptq_target
         self._acc: dict[str, HessianAccumulator] = {}
+        self._cross: dict[str, torch.Tensor] = {}  # group -> Σ (x_fp - x)ᵀ x, where gptq_target is "model"
+
+    @property
+    def observes_fp_inputs(self) -> bool:
+        return self.gptq_target == "model"
+
+    needs_fp_stream = observes_fp_inputs
 
     def observe(self, group: str, x: torch.Tensor) -> None:
         acc = self._acc.get(group)
         if acc is None:
             acc = self._acc[group] = HessianAccumulator(x.shape[-1], device=x.device)
         acc.add(x)
+
+    def observe_pair(self, group: str, x_fp: torch.Tensor, x: torch.Tensor) -> None:
+        self.observe(group, x)
+        D = self._cross.get(group)
+        if D is None:
+            D = self._cross[group] = torch.zeros(x.shape[-1], x.shape[-1], device=x.device)
+        accumulate_cross(D, x_fp.detach(), x.detach())
+
 
     def quantize(self, name: str, group: str | None, W: torch.Tensor, fmt: type[BlockFormat]) -> tuple[QuantBlocks, LinearReport]:
         return self.quantize_group(group, [(name, W, fmt)])[0]
@@ -39,10 +80,18 @@ class GPTQMethod(Method, method="gptq"):
         if acc is None:
             return [Method.quantize(self, name, group, W, fmt) for name, W, fmt in members]
         out: list = [None] * len(members)
-        for fmt, idx in by_format(members).items():
+        groups = by_format(members)
+        D = self._cross.pop(group, None)
+        try:
+            H = acc.hessian()
+        except HessianError:
+            H = D = None  # every walk below raises it again, and falls back
+        targets = fitted_weights(members, groups, H, None if D is None else D.mul_(2.0 / acc.n), self.damp)
+        del D  # ci×ci: gone before the walks
+        for fmt, idx in groups.items():
             t0 = time.perf_counter()
             try:
-                results = gptq_quantize_rows([members[i][1] for i in idx], acc.hessian(), fmt, damp=self.damp,
+                results = gptq_quantize_rows(targets.pop(fmt), acc.hessian(), fmt, damp=self.damp,
                                              act_order=self.act_order, block_cols=self.block_cols,
                                              scale_search=self.scale_search)
             except HessianError as exc:
@@ -62,3 +111,4 @@ class GPTQMethod(Method, method="gptq"):
 
     def end_group(self, group: str) -> None:
         self._acc.pop(group, None)
+        self._cross.pop(group, None)

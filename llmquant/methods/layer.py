@@ -12,6 +12,7 @@ as a whole (``LayerWork.forward`` runs with gradients).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -45,6 +46,8 @@ class LayerWork:
     targets: float32 [n, seq, hidden] the full-precision model's outputs of this layer (the layer
              on the full-precision stream of inputs), given to a method that asks
              (``Method.needs_fp_stream``), else None
+    fp_inputs: float32 [n, seq, hidden] the full-precision model's inputs of this layer, given
+             where ``targets`` is
     continuous: filled by ``sequential_walk`` where ``keep_continuous`` (a copy of the layer's
              weights, so only a method that asks): the continuous weights [co, ci] each linear's codes
              were rounded from (its weight after any AWQ scaling; GPTQ's error-updated weights),
@@ -60,9 +63,12 @@ class LayerWork:
     groups: list[Group]
     batch_size: int
     norm_shift: Callable[[str], float]
-    feed: Callable  # feed(module, observe): each batch of inputs through the layer up to module's input
+    # feed(module, observe, inputs=None, copy=None): each batch of ``inputs`` (default: the layer's
+    # calibration inputs) through the layer, or a copy of it, up to module's input (a module of that copy)
+    feed: Callable
     reports: list = field(default_factory=list)
     targets: torch.Tensor | None = None
+    fp_inputs: torch.Tensor | None = None
     keep_continuous: bool = False
     continuous: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -84,6 +90,19 @@ class LayerWork:
         return torch.cat([self.forward(b, weights) for b in hidden.split(self.batch_size)])
 
 
+def _observe_pairs(method, key: str, work: LayerWork, pristine: nn.Module, rel: str) -> None:
+    """``method.observe_pair`` of each calibration batch: its input of ``rel`` in the layer as it
+    now computes, on the quantized stream, and in the full-precision layer on the full-precision
+    stream (token for token the same positions)."""
+    if work.fp_inputs is None:
+        raise RuntimeError(f"{method.name} observes full-precision inputs, but the pipeline carried no such stream")
+    for x, x_fp in zip(work.inputs.split(work.batch_size), work.fp_inputs.split(work.batch_size), strict=True):
+        seen = []
+        work.feed(work.layer.get_submodule(rel), seen.append, x)
+        work.feed(pristine.get_submodule(rel), lambda x_fp, seen=seen: method.observe_pair(key, x_fp, seen.pop()),
+                  x_fp, pristine)
+
+
 def sequential_walk(method, work: LayerWork) -> dict[str, QuantBlocks]:
     """GPTQ's and AWQ's order: per group, observe its real inputs, prepare, quantize each member.
 
@@ -92,9 +111,17 @@ def sequential_walk(method, work: LayerWork) -> dict[str, QuantBlocks]:
     Returns the codes by checkpoint name.
     """
     codes: dict[str, QuantBlocks] = {}
+    # a method fitting the full-precision model sees each group's inputs there too, in an untouched copy
+    # of the layer (the walk rewrites this one) on the full-precision stream
+    pristine = copy.deepcopy(work.layer) if method.observes_fp_inputs else None
     for g in work.groups:
         key = f"{work.index}:{g.members[0]}"
-        work.feed(work.layer.get_submodule(g.members[0]), lambda x, key=key: method.observe(key, x))
+        if pristine is None:
+            work.feed(work.layer.get_submodule(g.members[0]), lambda x, key=key: method.observe(key, x))
+        else:
+            _observe_pairs(method, key, work, pristine, g.members[0])
+            if g is work.groups[-1]:
+                pristine = None  # a layer's worth of memory, not held through the last group's walk
         fmts = {rel: work.formats[rel] for rel in g.members}
         done = {n[len(work.prefix):-len(".weight")]: q for n, q in codes.items()}  # this layer's, so far
         revised = method.prepare_group(key, work.layer, list(g.members), g.smooth, fmts=fmts, done=done,

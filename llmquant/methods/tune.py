@@ -158,13 +158,13 @@ class TuneMethod(Method, method="tune"):
 
     @property
     def needs_fp_stream(self) -> bool:
-        return self.target == "model"
+        return self.target == "model" or self._start.observes_fp_inputs
 
     def quantize_layer(self, work: LayerWork) -> dict[str, QuantBlocks]:
         t0 = time.perf_counter()
         # the full-precision model's outputs here, or the full-precision layer's on the quantized inputs
         # (computed now, before anything is rounded)
-        targets = work.targets if self.needs_fp_stream else work.outputs()
+        targets = work.targets if self.target == "model" else work.outputs()
         work.keep_continuous = True
         start = sequential_walk(self._start, work)
         t_start = time.perf_counter() - t0
@@ -176,7 +176,7 @@ class TuneMethod(Method, method="tune"):
             {"params": [st.V for st in state.values()], "lr": self.lr},
             {"params": [p for st in state.values() for p in (st.alpha, st.beta) if p is not None],
              "lr": self.lr * SCALE_LR_RATIO}])
-        decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 - k / self.steps)
+        decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 - k / max(self.steps, 1))  # steps 0: no step taken
         gen = torch.Generator().manual_seed(work.index)  # on the CPU: the same batches on every device
         n = work.inputs.shape[0]
         batch = min(self.tune_batch, n)
@@ -221,10 +221,10 @@ class GPTQTuneMethod(TuneMethod, method="gptq+tune"):
     """Start from GPTQ's codes (its Hessian walk per linear), then tune the layer."""
 
     def __init__(self, steps: int = 200, lr: float = 1e-2, tune_batch: int = 1, target: str = "model",
-                 loss: str = "normed", damp: float = 0.01, act_order: bool = False):
+                 loss: str = "normed", damp: float = 0.01, act_order: bool = False, gptq_target: str = "layer"):
         super().__init__(steps, lr, tune_batch, target, loss)
-        self.damp, self.act_order = damp, act_order
-        self._start = GPTQMethod(damp=damp, act_order=act_order)
+        self.damp, self.act_order, self.gptq_target = damp, act_order, gptq_target
+        self._start = GPTQMethod(damp=damp, act_order=act_order, gptq_target=gptq_target)
 
 
 class AWQTuneMethod(TuneMethod, method="awq+tune"):
@@ -241,7 +241,8 @@ class AWQGPTQTuneMethod(TuneMethod, method="awq+gptq+tune"):
     """Start from awq+gptq, then tune the layer."""
 
     def __init__(self, steps: int = 200, lr: float = 1e-2, tune_batch: int = 1, target: str = "model",
-                 loss: str = "normed", n_grid: int = 20, damp: float = 0.01, act_order: bool = False):
+                 loss: str = "normed", n_grid: int = 20, damp: float = 0.01, act_order: bool = False,
+                 gptq_target: str = "layer"):
         super().__init__(steps, lr, tune_batch, target, loss)
-        self.n_grid, self.damp, self.act_order = n_grid, damp, act_order
-        self._start = AWQGPTQMethod(n_grid=n_grid, damp=damp, act_order=act_order)
+        self.n_grid, self.damp, self.act_order, self.gptq_target = n_grid, damp, act_order, gptq_target
+        self._start = AWQGPTQMethod(n_grid=n_grid, damp=damp, act_order=act_order, gptq_target=gptq_target)
