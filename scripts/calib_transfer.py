@@ -98,7 +98,8 @@ def _files(args, out: Path) -> list[dict]:
                 print(f"quantizing {method} on {source} ...", file=sys.stderr)
                 calib = _calibration(args, source) if method_registry()[name].needs_calibration else None
                 llmquant.quantize(args.model, path, type=args.type, method=name, method_options=options or None,
-                                  calibration=calib, threads=args.threads, progress=False)
+                                  calibration=calib, threads=args.threads, progress=False,
+                                  report=path.with_suffix(".report.json"))  # where the time went (stages)
             rows.append({"file": f"{method} [{source}]", "method": method, "source": source, "path": path})
     return rows
 

@@ -19,6 +19,7 @@ from tiny import build_tiny_model
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "calib_transfer.py"
 SOURCES = ("builtin", "generated")
 DOMAINS = ("builtin", "news")
+METHODS = ("rtn", "gptq", "gptq@gptq_target=model")  # a method with options (scripts/benchmark.py's spec)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def run(smollm2_dir, tmp_path_factory):
     model = build_tiny_model(root / "llama", "llama", smollm2_dir, hidden=64)
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        rc = module.main(["--model", str(model), "--methods", "rtn,gptq", "--sources", ";".join(SOURCES),
+        rc = module.main(["--model", str(model), "--methods", ",".join(METHODS), "--sources", ";".join(SOURCES),
                           "--domains", ",".join(DOMAINS), "--calib-samples", "4", "--calib-seqlen", "64",
                           "--ctx", "64", "--windows", "2", "--threads", "1", "--out-dir", str(root / "out")])
     assert rc == 0
@@ -40,7 +41,7 @@ def run(smollm2_dir, tmp_path_factory):
 
 def test_rows_are_llama_cpp_then_imatrix_and_methods_per_source(run):
     _, out, rows = run
-    expected = ["llama.cpp"] + [f"{m} [{s}]" for s in SOURCES for m in ("llama.cpp+imatrix", "rtn", "gptq")]
+    expected = ["llama.cpp"] + [f"{m} [{s}]" for s in SOURCES for m in ("llama.cpp+imatrix", *METHODS)]
     assert list(rows) == expected
     table = [ln for ln in out.splitlines() if ln.startswith("| ")]
     assert [ln.split("|")[1].strip() for ln in table[1:]] == expected
@@ -64,9 +65,13 @@ def test_ratios_are_to_the_same_source_and_the_imatrix_is_used(run):
             assert gptq["ratio"][d] == pytest.approx(gptq["kld"][d] / rows["llama.cpp"]["kld"][d], rel=1e-12)
         assert gptq["transfer"] == pytest.approx(gptq["ratio"]["news"] / gptq["ratio"]["builtin"], rel=1e-12)
     assert rows["gptq [builtin]"]["kld"] != rows["gptq [generated]"]["kld"]  # the source reached the method
+    for s in SOURCES:  # the option reached the method, and its report tells where the time went
+        assert rows[f"gptq@gptq_target=model [{s}]"]["kld"] != rows[f"gptq [{s}]"]["kld"]
+        report = json.loads(Path(rows[f"gptq@gptq_target=model [{s}]"]["path"]).with_suffix(".report.json").read_text())
+        assert report["method"] == "gptq" and report["stages"]["forward"] > 0
 
 
 def test_plot_and_table_written(run):
     out_dir, _, _ = run
     assert (out_dir / "transfer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out_dir / "table.md").read_text().count("\n") == 2 + 1 + 3 * len(SOURCES)
+    assert (out_dir / "table.md").read_text().count("\n") == 2 + 1 + (1 + len(METHODS)) * len(SOURCES)
