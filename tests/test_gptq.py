@@ -513,3 +513,7 @@ def test_gptq_of_the_model_target_fits_the_full_precision_output_better(name, no
     W2 = torch.randn(16, 256, generator=g)
     both = model_target([W, W2], H, D)
     assert torch.equal(both[0], Ws) and torch.equal(both[1], model_target([W2], H, D)[0])
+    mine = [W.clone(), W2.clone()]
+    into = model_target(mine, H, D, in_place=True)  # into the weights given: no second copy
+    assert into[0] is mine[0] and into[1] is mine[1]
+    assert torch.equal(mine[0], both[0]) and torch.equal(mine[1], both[1])

@@ -82,7 +82,8 @@ def accumulate_cross(D: torch.Tensor, x_fp: torch.Tensor, x: torch.Tensor) -> No
     D.addmm_((x_fp.reshape(-1, D.shape[0]).to(D.dtype) - x).T, x)
 
 
-def model_target(Ws: list[torch.Tensor], H: torch.Tensor, D: torch.Tensor, damp: float = 0.01) -> list[torch.Tensor]:
+def model_target(Ws: list[torch.Tensor], H: torch.Tensor, D: torch.Tensor, damp: float = 0.01,
+                 in_place: bool = False) -> list[torch.Tensor]:
     """The weights W* [co, ci] that GPTQ rounds to fit the full-precision model instead of the layer.
 
     With X̃ [n, ci] a linear's inputs in the quantized model and X the full-precision
@@ -96,8 +97,11 @@ def model_target(Ws: list[torch.Tensor], H: torch.Tensor, D: torch.Tensor, damp:
     in GPTAQ, Li et al. 2025): each linear also makes up for what the quantized
     layers before it changed in its input. W* = W where both streams agree.
     H⁻¹ is damped as GPTQ damps it (damp · mean diag(H), dead columns' diagonal
-    1), retried with 10x the damping like GPTQ; the float64 work is one ci×ci matrix.
-    Ws: linears sharing this input, each [co_i, ci]; returns W* float32 for each.
+    1), retried with 10x the damping like GPTQ; the float64 work is one ci×ci matrix
+    and row slices.
+    Ws: linears sharing this input, each [co_i, ci]; returns W* float32 for each,
+    into Ws themselves where ``in_place`` (float32 ones: no second copy of a
+    Llama-70B MLP).
     """
     WD = torch.cat([W.to(torch.float32) for W in Ws]) @ D.to(torch.float32)  # [Σ co, ci]
     dead = H.diagonal() == 0
@@ -113,12 +117,14 @@ def model_target(Ws: list[torch.Tensor], H: torch.Tensor, D: torch.Tensor, damp:
             break
     else:
         raise HessianError(f"Hessian not positive definite even with damping {damp:g}")
-    shift = torch.cholesky_solve(WD.T.to(torch.float64), L).T.to(torch.float32)  # W·D·H⁻¹ (H symmetric)
-    del L, WD
+    for rows in _slices(WD.shape[0]):  # W·D·H⁻¹ (H symmetric), in place of W·D
+        WD[rows] = torch.cholesky_solve(WD[rows].T.to(torch.float64), L).T.to(torch.float32)
+    del L
     out, r0 = [], 0
     for W in Ws:
-        out.append(W.to(torch.float32) + shift[r0 : r0 + W.shape[0]])
+        shift = WD[r0 : r0 + W.shape[0]]
         r0 += W.shape[0]
+        out.append(W.add_(shift) if in_place and W.dtype == torch.float32 else W.to(torch.float32) + shift)
     return out
 
 

@@ -23,14 +23,15 @@ GPTQ_TARGETS = ("layer", "model")
 def fitted_weights(members: list, groups: dict, H: torch.Tensor, D: torch.Tensor | None, damp: float) -> dict:
     """Per format (``groups``: by_format of ``members``), the weights GPTQ rounds: the members' own,
     or where D (the (x_fp - x)ᵀ x of the same tokens, scaled as H) was gathered, their
-    ``model_target``. Where H cannot be factored, the members' own: their walk then falls back
-    as it would."""
+    ``model_target``, in place of the members' weights (the layer's, which the walk replaces by
+    their codes' dequantization next). Where H cannot be factored, the members' own: their walk
+    then falls back as it would."""
     targets = {fmt: [members[i][1] for i in idx] for fmt, idx in groups.items()}
     if D is None:
         return targets
     for fmt, Ws in targets.items():
         try:
-            targets[fmt] = model_target(Ws, H, D, damp)
+            targets[fmt] = model_target(Ws, H, D, damp, in_place=True)
         except HessianError:
             pass
     return targets
