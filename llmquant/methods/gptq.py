@@ -563,36 +563,10 @@ def _rel_err(W: torch.Tensor, H: torch.Tensor, *W_hats: torch.Tensor) -> list[fl
     return [(t[i] / t[0]).item() if t[0] > 0 else 0.0 for i in range(1, len(W_hats) + 1)]
 
 
-def gptq_quantize(
-    W: torch.Tensor,
-    H: torch.Tensor,
-    fmt: type[BlockFormat],
-    *,
-    damp: float = 0.01,
-    act_order: bool = False,
-    block_cols: int = 128,
-    scale_search: bool = True,
-    search_loss: str = "hdiag",
-    h_scale: float = 1.0,
-) -> GPTQResult:
-    """GPTQ of ``W [co, ci]`` under ``H [ci, ci]`` (2/n·XᵀX) onto fmt's blocks.
-
-    scale_search: choose each block's grid among candidates (else llama.cpp's
-    rule); search_loss: "hdiag" ranks them by Σ H[j,j]·(w_j - q_j)², "gptq" by
-    the GPTQ loss of walking the block's 32 columns with each candidate
-    (legacy types only). block_cols is raised to the format's block width where it
-    is narrower (a k-quant's 256 columns).
-    Dead columns (H[i,i] == 0, never active in calibration) get H[i,i] = 1:
-    nothing of theirs is propagated, and unlike the reference they keep their
-    weights (quantized to nearest) rather than being zeroed, so the layer still
-    works on inputs the calibration set did not exercise.
-    h_scale: H is h_scale·H, applied in the float64 work copy instead of a scaled
-    float32 copy of H (a power of two, such as AWQ's 2 of 2/n·XᵀX over its mean
-    XᵀX/n, gives bit for bit the result of passing h_scale·H).
-    Raises HessianError if H is all zero or non-finite, or stays indefinite.
-    """
-    return gptq_quantize_rows([W], H, fmt, damp=damp, act_order=act_order, block_cols=block_cols,
-                              scale_search=scale_search, search_loss=search_loss, h_scale=h_scale)[0]
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: type[BlockFormat], **options) -> GPTQResult:
+    """GPTQ of ``W [co, ci]`` under ``H [ci, ci]`` (2/n·XᵀX) onto fmt's blocks: ``gptq_quantize_rows``
+    of one linear, whose keyword options it takes."""
+    return gptq_quantize_rows([W], H, fmt, **options)[0]
 
 
 def _row_range(grid: Projection, co: int, rows: slice) -> Projection:
@@ -616,8 +590,9 @@ def gptq_quantize_rows(
     search_loss: str = "hdiag",
     h_scale: float = 1.0,
 ) -> list[GPTQResult]:
-    """``gptq_quantize`` of linears that share one input (q/k/v, gate/up: one H), in one walk over
-    their rows stacked, ``[Σ co, ci]``; one result per ``Ws[i] [co_i, ci]``, in order.
+    """GPTQ of linears that share one input (q/k/v, gate/up: one H) under ``H [ci, ci]`` (2/n·XᵀX)
+    onto fmt's blocks, in one walk over their rows stacked, ``[Σ co, ci]``; one result per
+    ``Ws[i] [co_i, ci]``, in order.
 
     Every step of the walk treats rows apart (a block's grid search, a column's
     rounding and error, the update of later columns), so each result is the one
@@ -625,6 +600,20 @@ def gptq_quantize_rows(
     tiny torch ops per column) once for the group instead of once per linear,
     and hands each search enough rows to keep every thread busy; H's factor is
     computed once.
+
+    scale_search: choose each block's grid among candidates (else llama.cpp's
+    rule); search_loss: "hdiag" ranks them by Σ H[j,j]·(w_j - q_j)², "gptq" by
+    the GPTQ loss of walking the block's 32 columns with each candidate
+    (legacy types only). block_cols is raised to the format's block width where it
+    is narrower (a k-quant's 256 columns).
+    Dead columns (H[i,i] == 0, never active in calibration) get H[i,i] = 1:
+    nothing of theirs is propagated, and unlike the reference they keep their
+    weights (quantized to nearest) rather than being zeroed, so the layer still
+    works on inputs the calibration set did not exercise.
+    h_scale: H is h_scale·H, applied in the float64 work copy instead of a scaled
+    float32 copy of H (a power of two, such as AWQ's 2 of 2/n·XᵀX over its mean
+    XᵀX/n, gives bit for bit the result of passing h_scale·H).
+    Raises HessianError if H is all zero or non-finite, or stays indefinite.
     """
     ci = Ws[0].shape[1]
     gw, sub = fmt.block_size, fmt.sub_size
