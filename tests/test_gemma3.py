@@ -172,9 +172,11 @@ def test_awq_fold_into_an_offset_norm_keeps_the_function(group, runner_and_hidde
         runner.free(0)
 
 
-@pytest.mark.parametrize("cls", [RecordingGPTQ, RecordingAWQ, RecordingAWQGPTQ])
-def test_calibrated_methods_run_on_gemma3_and_the_file_holds_their_weights(cls, tiny_gemma3, tmp_path):
-    method = cls()
+@pytest.mark.parametrize(("cls", "options"), [(RecordingGPTQ, {}), (RecordingAWQ, {}), (RecordingAWQGPTQ, {}),
+                                              (RecordingAWQGPTQ, {"gptq_target": "model"})])
+def test_calibrated_methods_run_on_gemma3_and_the_file_holds_their_weights(cls, options, tiny_gemma3, tmp_path):
+    """gptq_target model: Gemma's sliding and global layers computed again in a copy of each layer."""
+    method = cls(**options)
     out = tmp_path / f"{method.name}.gguf"
     report = quantize(tiny_gemma3, out, type="q4_0", method=method, calibration=CALIB, progress=False)
     assert_file_holds(tiny_gemma3, out, method.w_hat, "q4_0", n_layers=N_LAYERS)
