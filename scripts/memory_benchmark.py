@@ -38,6 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from benchmark import method_spec
 from synthetic_model import DTYPES, INFO_FILE, build_synthetic_llama, default_intermediate
 
 # Runs in a fresh interpreter: argv[1] is a JSON job; prints one JSON line {seconds, peak_mib, ru_maxrss_mib}.
@@ -51,7 +52,8 @@ import torch, llmquant
 if job["method"] != "baseline":
     calib = llmquant.CalibrationConfig(**job["calib"]) if job["calib"] else None
     llmquant.quantize(job["model"], job["out"], type=job["type"], method=job["method"],
-                      calibration=calib, threads=job["threads"], progress=False)
+                      method_options=job.get("options") or None, calibration=calib, threads=job["threads"],
+                      progress=False)
 seconds = time.perf_counter() - t0
 hwm = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:"))
 print(json.dumps({"seconds": seconds, "peak_mib": hwm / 1024,
@@ -153,12 +155,13 @@ def measure(args: argparse.Namespace, model: Path, method: str, baseline: float)
     """Quantize ``model`` with ``method`` in a child; the output file is deleted afterwards."""
     from llmquant.methods import make_method
 
+    name, options = method_spec(method)  # gptq@gptq_target=layer: a method with options
     calib = ({"samples": args.calib_samples, "seqlen": args.calib_seqlen, "source": "builtin"}  # the layer walk, not sampling
-             if make_method(method).needs_calibration else None)
+             if make_method(name, **options).needs_calibration else None)
     out = args.work_dir / "gguf" / f"{model.name}-{args.type}-{method}.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
     log(f"quantizing {model.name} with {method}")
-    r = run_child({"model": str(model), "out": str(out), "type": args.type, "method": method,
+    r = run_child({"model": str(model), "out": str(out), "type": args.type, "method": name, "options": options,
                    "calib": calib, "threads": args.threads})
     out.unlink(missing_ok=True)
     info = json.loads((model / INFO_FILE).read_text())
@@ -175,7 +178,9 @@ def holds(info: dict, calib: dict | None, method: str) -> dict | None:
 
     layer_weights: one decoder layer in float32, as the pipeline quantizes it;
     hidden_states: the calibration windows' inputs and outputs of that layer
-    (float32 [samples, seqlen, hidden], two of them); hessian: the widest
+    (float32 [samples, seqlen, hidden], two of them; four where the method carries
+    the full-precision stream beside the quantized one, as gptq fitted to the
+    model does by default); hessian: the widest
     input's H (float32 ci×ci, ci = intermediate for down_proj); gptq_factor:
     the two float64 ci×ci matrices the factor of H⁻¹ is computed in (gptq
     only); mlp_batch: one batch's gate, up and their product (float32 [BATCH,
@@ -183,12 +188,16 @@ def holds(info: dict, calib: dict | None, method: str) -> dict | None:
     """
     if calib is None:
         return None
+    from llmquant.methods import make_method
+
+    name, options = method_spec(method)
+    streams = 2 if make_method(name, **options).needs_fp_stream else 1
     h, i = info["hidden"], max(info["hidden"], info["intermediate"])
     mib = 2**-20
     acc = {"layer_weights": layer_bytes(info) / DTYPES[info["dtype"]][1] * 4 * mib,
-           "hidden_states": 2 * calib["samples"] * calib["seqlen"] * h * 4 * mib,
+           "hidden_states": 2 * streams * calib["samples"] * calib["seqlen"] * h * 4 * mib,
            "hessian": i * i * 4 * mib,
-           "gptq_factor": 2 * i * i * 8 * mib if "gptq" in method else 0.0,
+           "gptq_factor": 2 * i * i * 8 * mib if "gptq" in name else 0.0,
            "mlp_batch": 3 * min(BATCH, calib["samples"]) * calib["seqlen"] * i * 4 * mib}
     acc["total"] = sum(acc.values())
     return acc

@@ -19,7 +19,7 @@ from tiny import build_tiny_model
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "calib_transfer.py"
 SOURCES = ("builtin", "generated")
 DOMAINS = ("builtin", "news")
-METHODS = ("rtn", "gptq", "gptq@gptq_target=model")  # a method with options (scripts/benchmark.py's spec)
+METHODS = ("rtn", "gptq", "gptq@gptq_target=layer")  # a method with options (scripts/benchmark.py's spec)
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +66,8 @@ def test_ratios_are_to_the_same_source_and_the_imatrix_is_used(run):
         assert gptq["transfer"] == pytest.approx(gptq["ratio"]["news"] / gptq["ratio"]["builtin"], rel=1e-12)
     assert rows["gptq [builtin]"]["kld"] != rows["gptq [generated]"]["kld"]  # the source reached the method
     for s in SOURCES:  # the option reached the method, and its report tells where the time went
-        assert rows[f"gptq@gptq_target=model [{s}]"]["kld"] != rows[f"gptq [{s}]"]["kld"]
-        report = json.loads(Path(rows[f"gptq@gptq_target=model [{s}]"]["path"]).with_suffix(".report.json").read_text())
+        assert rows[f"gptq@gptq_target=layer [{s}]"]["kld"] != rows[f"gptq [{s}]"]["kld"]
+        report = json.loads(Path(rows[f"gptq@gptq_target=layer [{s}]"]["path"]).with_suffix(".report.json").read_text())
         assert report["method"] == "gptq" and report["stages"]["forward"] > 0
 
 

@@ -173,9 +173,10 @@ def test_awq_fold_into_an_offset_norm_keeps_the_function(group, runner_and_hidde
 
 
 @pytest.mark.parametrize(("cls", "options"), [(RecordingGPTQ, {}), (RecordingAWQ, {}), (RecordingAWQGPTQ, {}),
-                                              (RecordingAWQGPTQ, {"gptq_target": "model"})])
+                                              (RecordingAWQGPTQ, {"gptq_target": "layer"})])
 def test_calibrated_methods_run_on_gemma3_and_the_file_holds_their_weights(cls, options, tiny_gemma3, tmp_path):
-    """gptq_target model: Gemma's sliding and global layers computed again in a copy of each layer."""
+    """By default GPTQ fits the full-precision model (Gemma's sliding and global layers computed
+    again in a copy of each layer); gptq_target layer fits each layer alone."""
     method = cls(**options)
     out = tmp_path / f"{method.name}.gguf"
     report = quantize(tiny_gemma3, out, type="q4_0", method=method, calibration=CALIB, progress=False)

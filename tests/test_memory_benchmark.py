@@ -30,7 +30,7 @@ def run(tmp_path_factory, smollm2_dir):
     mb = script("memory_benchmark")
     mb.PRESETS["tiny"] = TINY
     work = tmp_path_factory.mktemp("memory")
-    assert mb.main(["--preset", "tiny", "--methods", "rtn,gptq", "--calib-samples", "2", "--calib-seqlen", "32",
+    assert mb.main(["--preset", "tiny", "--methods", "rtn,gptq,gptq@gptq_target=layer", "--calib-samples", "2", "--calib-seqlen", "32",
                     "--work-dir", str(work)]) == 0
     return mb, work, json.loads((work / "memory.json").read_text())
 
@@ -38,7 +38,8 @@ def run(tmp_path_factory, smollm2_dir):
 def test_preset_replaces_the_sweeps_and_keeps_its_shapes(run):
     _, work, result = run
     rows = result["rows"]
-    assert [(r["method"], r["sweeps"]) for r in rows] == [("rtn", ["preset"]), ("gptq", ["preset"])]
+    assert [(r["method"], r["sweeps"]) for r in rows] == [("rtn", ["preset"]), ("gptq", ["preset"]),
+                                                          ("gptq@gptq_target=layer", ["preset"])]
     config = json.loads((work / "models" / "tiny-l2-bfloat16" / "config.json").read_text())
     assert (config["hidden_size"], config["intermediate_size"], config["num_key_value_heads"],
             config["vocab_size"], config["dtype"], config["num_hidden_layers"]) == (128, 384, 2, 49408, "bfloat16", 2)
@@ -49,15 +50,18 @@ def test_preset_replaces_the_sweeps_and_keeps_its_shapes(run):
 
 def test_the_peak_is_accounted_from_the_shapes(run):
     mb, _, result = run
-    rtn, gptq = result["rows"]
+    rtn, gptq, plain = result["rows"]
     assert rtn["holds_mib"] is None  # no calibration: nothing but the tensor being packed
     h, i, mib = 128, 384, 2**-20
     layer = (2 * h * h + 2 * 64 * h + 3 * h * i + 2 * h) * 4 * mib  # float32, kv width 2 heads of 32
     want = {"layer_weights": layer, "hidden_states": 2 * 2 * 32 * h * 4 * mib, "hessian": i * i * 4 * mib,
             "gptq_factor": 2 * i * i * 8 * mib, "mlp_batch": 3 * 2 * 32 * i * 4 * mib}
+    assert plain["holds_mib"] == pytest.approx({**want, "total": sum(want.values())})
+    # fitted to the model (the default): the full-precision stream's inputs and outputs beside the quantized ones
+    want["hidden_states"] *= 2
     assert gptq["holds_mib"] == pytest.approx({**want, "total": sum(want.values())})
     table = mb.holds_table(result["rows"])
-    assert table.count("\n") == 2 and "| tiny-l2-bfloat16 | gptq |" in table
+    assert table.count("\n") == 3 and "| tiny-l2-bfloat16 | gptq |" in table
 
 
 def test_unknown_preset_and_short_vocab_are_refused(tmp_path, smollm2_dir):

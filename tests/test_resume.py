@@ -182,11 +182,11 @@ def _registered_methods() -> list[str]:
     ``awq+tune`` differ from those only by their start method, which resumes here on its own (CI time);
     and tuning to the full-precision layer's outputs on the quantized inputs, the other ``--tune-target``
     (the default carries a second, full-precision stream of hidden states across the layer boundary);
-    and awq+gptq fitted to the full-precision model (which carries that stream too, without tuning)."""
+    and gptq fitted to its layers alone (the default, fitted to the full-precision model, carries that stream too)."""
     from llmquant.methods import METHODS
 
     return [m for m in METHODS if m not in ("gptq+tune", "awq+tune")] + ["awq+gptq+tune --tune-target layer",
-                                                                         "awq+gptq --gptq-target model"]
+                                                                         "gptq --gptq-target layer"]
 
 
 @pytest.mark.parametrize("method", _registered_methods())

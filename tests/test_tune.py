@@ -193,7 +193,8 @@ class TargetsSeen(AWQGPTQTuneMethod):
 def test_model_target_is_the_full_precision_models_own_layer_output(tiny_llama, tmp_path):
     """By default (``target="model"``) each layer is fitted to what the unquantized HF model computes there
     (forward hooks on transformers' own layers, fed the same calibration tokens), while its inputs
-    are the quantized stream; with ``target="layer"`` no second stream is carried."""
+    are the quantized stream; with ``target="layer"`` (and a start fitted to its layers) no second
+    stream is carried."""
     from transformers import AutoModelForCausalLM
 
     from llmquant.calibration import calibration_tokens
@@ -213,7 +214,7 @@ def test_model_target_is_the_full_precision_models_own_layer_output(tiny_llama, 
         torch.testing.assert_close(targets, ref, rtol=1e-4, atol=1e-4, msg=f"layer {i}")
     # layer 1's inputs are the quantized layer 0's outputs, not the full-precision ones
     assert (method._seen[1][1] - outs[0]).abs().max() > 1e-2
-    plain = TargetsSeen(steps=4, n_grid=5, target="layer")
+    plain = TargetsSeen(steps=4, n_grid=5, target="layer", gptq_target="layer")
     quantize(tiny_llama, tmp_path / "l.gguf", type="q4_0", method=plain, calibration=CALIB, progress=False)
     assert [t for t, _ in plain._seen] == [None, None]
 
@@ -273,10 +274,10 @@ def test_tuning_starts_from_gptq_fitted_to_the_model(tiny_llama, tmp_path):
     files = {}
     for method, options in (("awq+gptq+tune", {"steps": 0, "gptq_target": "model", "n_grid": 5}),
                             ("awq+gptq", {"gptq_target": "model", "n_grid": 5}),
-                            ("awq+gptq", {"n_grid": 5})):
-        path = tmp_path / f"{method}-{len(options)}.gguf"
+                            ("awq+gptq", {"gptq_target": "layer", "n_grid": 5})):
+        path = tmp_path / f"{method}-{options['gptq_target']}.gguf"
         quantize(tiny_llama, path, type="q4_0", method=method, method_options=options, calibration=CALIB,
                  progress=False)
-        files[(method, options.get("gptq_target", "layer"))] = _tensor_bytes(path)
+        files[(method, options["gptq_target"])] = _tensor_bytes(path)
     assert files[("awq+gptq+tune", "model")] == files[("awq+gptq", "model")]
     assert files[("awq+gptq", "model")] != files[("awq+gptq", "layer")]

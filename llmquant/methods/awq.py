@@ -496,7 +496,7 @@ class AWQGPTQMethod(AWQMethod, method="awq+gptq"):
 
 
     def __init__(self, n_grid: int = 20, damp: float = 0.01, act_order: bool = False, scale_search: bool = True,
-                 block_cols: int = 128, clip_ratios=CLIP_RATIOS, gptq_target: str = "layer"):
+                 block_cols: int = 128, clip_ratios=CLIP_RATIOS, gptq_target: str = "model"):
         super().__init__(n_grid, clip_ratios)
         if gptq_target not in GPTQ_TARGETS:
             raise ValueError(f"gptq_target must be one of {GPTQ_TARGETS}, not {gptq_target!r}")

@@ -45,7 +45,7 @@ class GPTQMethod(Method, method="gptq"):
     needs_calibration = True
 
     def __init__(self, damp: float = 0.01, act_order: bool = False, scale_search: bool = True, block_cols: int = 128,
-                 gptq_target: str = "layer"):
+                 gptq_target: str = "model"):
         if gptq_target not in GPTQ_TARGETS:
             raise ValueError(f"gptq_target must be one of {GPTQ_TARGETS}, not {gptq_target!r}")
         self.damp, self.act_order, self.scale_search, self.block_cols = damp, act_order, scale_search, block_cols
