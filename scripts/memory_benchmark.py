@@ -3,7 +3,7 @@
     python scripts/memory_benchmark.py [--depths 4,8,16,32] [--hidden 512] [--widths 512,1024,2048]
                                        [--layers 4] [--methods rtn,gptq] [--type q4_0] [--threads 1]
                                        [--work-dir bench-out/memory] [--quick]
-    python scripts/memory_benchmark.py --preset llama-3-70b --methods gptq --calib-samples 16 --calib-seqlen 512
+    python scripts/memory_benchmark.py --preset llama-3-70b --methods gptq@gptq_target=layer --calib-samples 16 --calib-seqlen 512
 
 llmquant streams one decoder layer at a time, so peak memory must not grow
 with depth. This checks it: random untied llama checkpoints of growing depth

@@ -203,7 +203,10 @@ def test_q8_0_is_llama_cpp_s_own_and_generates(name, models, tmp_path):
 @pytest.mark.parametrize(("name", "method"), [("llama3", "gptq"), ("qwen3", "awq+gptq"), ("phi3", "awq+gptq")])
 def test_calibrated_methods_run_and_load(name, method, models, tmp_path):
     """Every linear quantized by the method; the file computes the model about as well as RTN's does."""
-    calib = CalibrationConfig(samples=4, seqlen=64)  # 64 tokens: past llama3's original 32 positions
+    # 64 tokens: past llama3's original 32 positions. 16 windows: gptq fits the full-precision model by a
+    # least-squares solve over the calibration tokens, which 4 windows (256 tokens, widest input 192)
+    # over-fitted on these random weights (1.37x RTN's logit error on other tokens)
+    calib = CalibrationConfig(samples=16, seqlen=64)
     ours = tmp_path / f"{name}-{method}.gguf"
     report = quantize(models[name], ours, type="q4_0", method=method, calibration=calib, progress=False)
     linears = [rel for group in get_arch(read_config(models[name])).sequential_groups for rel in group]

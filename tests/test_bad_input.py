@@ -707,7 +707,7 @@ OPTION_CASES = {
     "damp-with-rtn": OptionCase(r"--damp does not apply to --method rtn \(it takes no options\)$", ("--damp", "0.1"),
                                 {"method_options": {"damp": 0.1}}),
     "awq-grid-with-gptq": OptionCase(r"--awq-grid does not apply to --method gptq \(it takes --damp, --act-order, "
-                                     r"--no-scale-search\)$", ("--method", "gptq", "--awq-grid", "4"),
+                                     r"--no-scale-search, --gptq-target\)$", ("--method", "gptq", "--awq-grid", "4"),
                                      {"method": "gptq", "method_options": {"n_grid": 4}}),
     "gptq-options-with-awq": OptionCase(r"--damp, --act-order do not apply to --method awq \(it takes --awq-grid\)$",
                                         ("--method", "AWQ", "--damp", "0.1", "--act-order"),
