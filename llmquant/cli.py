@@ -54,7 +54,7 @@ def _add_quantize(sub) -> None:
                    help="gptq, awq+gptq: keep llama.cpp's scale rule per block")
     g.add_argument("--awq-grid", type=int, default=None, help="awq, awq+gptq: alpha grid points in [0, 1) (default 20)")
     g.add_argument("--gptq-target", default=None, help="gptq, awq+gptq: what each linear's output is fitted to: layer "
-                   "(its own output on its quantized inputs; default) or model (the full-precision model's output there)")
+                   "(its own output on its quantized inputs) or model (the full-precision model's output there; default)")
     g.add_argument("--tune-steps", type=int, default=None, help="tune methods: steps per layer (default 200)")
     g.add_argument("--tune-lr", type=float, default=None, help="tune methods: Adam step of the rounding offsets, in codes (default 1e-2)")
     g.add_argument("--tune-batch", type=int, default=None, help="tune methods: calibration sequences per step (default 1)")

@@ -102,7 +102,7 @@ from .gptq import (
     lstsq_grid,
     super_grid,
 )
-from .gptq_method import GPTQ_TARGETS, fitted_weights
+from .gptq_method import FitsTarget, fitted_weights
 
 CLIP_RATIOS = tuple(1 - 0.025 * i for i in range(13))  # 1.0 … 0.7 (every other one for types with a min)
 REFITS = 2
@@ -491,23 +491,15 @@ class AWQMethod(Method, method="awq"):
         self._groups.pop(group, None)
 
 
-class AWQGPTQMethod(AWQMethod, method="awq+gptq"):
+class AWQGPTQMethod(FitsTarget, AWQMethod, method="awq+gptq"):
     """AWQ's scales, then GPTQ on the scaled weights under H' = diag(1/s) H diag(1/s)."""
 
 
     def __init__(self, n_grid: int = 20, damp: float = 0.01, act_order: bool = False, scale_search: bool = True,
                  block_cols: int = 128, clip_ratios=CLIP_RATIOS, gptq_target: str = "model"):
         super().__init__(n_grid, clip_ratios)
-        if gptq_target not in GPTQ_TARGETS:
-            raise ValueError(f"gptq_target must be one of {GPTQ_TARGETS}, not {gptq_target!r}")
+        self._set_target(gptq_target)
         self.damp, self.act_order, self.scale_search, self.block_cols = damp, act_order, scale_search, block_cols
-        self.gptq_target = gptq_target
-
-    @property
-    def observes_fp_inputs(self) -> bool:
-        return self.gptq_target == "model"
-
-    needs_fp_stream = observes_fp_inputs
 
     def observe_pair(self, group: str, x_fp: torch.Tensor, x: torch.Tensor) -> None:
         self.observe(group, x)

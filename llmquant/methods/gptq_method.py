@@ -14,10 +14,29 @@ import warnings
 import torch
 
 from ..formats import BlockFormat, QuantBlocks
+from ..options import BOUNDS
 from .base import LinearReport, Method, by_format, row_shares
 from .gptq import HessianAccumulator, HessianError, accumulate_cross, gptq_quantize_rows, model_target
 
-GPTQ_TARGETS = ("layer", "model")
+GPTQ_TARGETS = BOUNDS["gptq_target"].choices
+
+
+class FitsTarget:
+    """What GPTQ's walk fits, shared by gptq and awq+gptq: "model" observes each group's inputs
+    in both streams (the pipeline then runs the full-precision stream beside the quantized one)."""
+
+    gptq_target: str
+
+    def _set_target(self, gptq_target: str) -> None:
+        if gptq_target not in GPTQ_TARGETS:
+            raise ValueError(f"gptq_target must be one of {GPTQ_TARGETS}, not {gptq_target!r}")
+        self.gptq_target = gptq_target
+
+    @property
+    def observes_fp_inputs(self) -> bool:
+        return self.gptq_target == "model"
+
+    needs_fp_stream = observes_fp_inputs
 
 
 def fitted_weights(members: list, groups: dict, H: torch.Tensor, D: torch.Tensor | None, damp: float) -> dict:
@@ -26,18 +45,18 @@ def fitted_weights(members: list, groups: dict, H: torch.Tensor, D: torch.Tensor
     ``model_target``, in place of the members' weights (the layer's, which the walk replaces by
     their codes' dequantization next). Where H cannot be factored, the members' own: their walk
     then falls back as it would."""
-    targets = {fmt: [members[i][1] for i in idx] for fmt, idx in groups.items()}
-    if D is None:
-        return targets
-    for fmt, Ws in targets.items():
-        try:
-            targets[fmt] = model_target(Ws, H, D, damp, in_place=True)
+    order = [i for idx in groups.values() for i in idx]
+    Ws = [members[i][1] for i in order]
+    if D is not None:
+        try:  # one factorization of H for every format of the group
+            Ws = model_target(Ws, H, D, damp, in_place=True)
         except HessianError:
             pass
-    return targets
+    fitted = dict(zip(order, Ws, strict=True))
+    return {fmt: [fitted[i] for i in idx] for fmt, idx in groups.items()}
 
 
-class GPTQMethod(Method, method="gptq"):
+class GPTQMethod(FitsTarget, Method, method="gptq"):
     """gptq_target: "layer" fits each linear's output on its own inputs (GPTQ); "model" fits the
     full-precision model's output there (``model_target``), which observes each group's inputs in
     both streams and holds a copy of the layer and a second ci×ci matrix per group."""
@@ -46,18 +65,10 @@ class GPTQMethod(Method, method="gptq"):
 
     def __init__(self, damp: float = 0.01, act_order: bool = False, scale_search: bool = True, block_cols: int = 128,
                  gptq_target: str = "model"):
-        if gptq_target not in GPTQ_TARGETS:
-            raise ValueError(f"gptq_target must be one of {GPTQ_TARGETS}, not {gptq_target!r}")
+        self._set_target(gptq_target)
         self.damp, self.act_order, self.scale_search, self.block_cols = damp, act_order, scale_search, block_cols
-        self.gptq_target = gptq_target
         self._acc: dict[str, HessianAccumulator] = {}
         self._cross: dict[str, torch.Tensor] = {}  # group -> Σ (x_fp - x)ᵀ x, where gptq_target is "model"
-
-    @property
-    def observes_fp_inputs(self) -> bool:
-        return self.gptq_target == "model"
-
-    needs_fp_stream = observes_fp_inputs
 
     def observe(self, group: str, x: torch.Tensor) -> None:
         acc = self._acc.get(group)
