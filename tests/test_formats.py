@@ -196,3 +196,23 @@ def test_nearest_codes_rounding_clipping_and_zero_scale():
     q1 = get_format("q4_1")
     got = q1.nearest_codes(torch.tensor([1.0, 1.25, 9.0]), torch.tensor(0.5), torch.tensor(1.0))
     assert got.tolist() == [0, 0, 15]
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q5_0"])
+def test_signed_zeros_and_tied_extremes_are_llama_cpp_s(name) -> None:
+    """Blocks of zeros led by -0.0 (C's scan keeps its +0.0 start, so the scale is -0.0; an argmax
+    of |x| would take the -0.0) and blocks whose extremes tie as +a and -a (the first wins),
+    against llama.cpp's own quantizer."""
+    from ggml_ref import ggml_quantize
+
+    fmt = get_format(name)
+    rng = np.random.default_rng(7)
+    zeros = np.zeros((4, 32), np.float32)
+    zeros[0, 0] = zeros[1, 0] = zeros[1, 9] = zeros[2, 31] = -0.0
+    tied = rng.integers(-3, 4, (64, 32)).astype(np.float32)
+    tied[::2, 0], tied[::2, 5] = 3.0, -3.0
+    tied[1::2, 2], tied[1::2, 7] = -3.0, 3.0
+    x = np.concatenate([zeros, tied])
+    packed = fmt.pack(fmt.rtn(x))
+    assert np.array_equal(packed, ggml_quantize(x, fmt.qtype))
+    assert (packed[:4, :2].view(np.uint16) == 0x8000).all()  # the scale -0.0, as C stores it

@@ -292,3 +292,24 @@ def test_encode_probe_on_the_default_model(smollm2_dir) -> None:
     specials = {a["id"] for a in tj["added_tokens"]}
     assert [i in specials for i in probe] == [i in specials for i in whole]
     assert len(probe) == len(whole)
+
+
+@pytest.mark.parametrize("form", ["pairs", "pairs_with_spaces", "strings"])
+def test_merges_are_the_ones_gguf_reads(form, smollm2_dir, gpt2_dir, tmp_path) -> None:
+    """The merges written from this run's parse of tokenizer.json are gguf's SpecialVocab's own
+    reading of the file: pairs joined by a space, a space inside a part as U+0120."""
+    from llmquant.export.tokenizer import _merge_strings
+
+    for src in (smollm2_dir, gpt2_dir):
+        tj = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
+        merges = tj["model"]["merges"]
+        pairs = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in merges]
+        if form == "pairs_with_spaces":
+            pairs[1], pairs[-1] = [" " + pairs[1][0], pairs[1][1]], [pairs[-1][0], "a b"]
+        tj["model"]["merges"] = [" ".join(p) for p in pairs] if form == "strings" else pairs
+        folder = tmp_path / f"{src.name}-{form}"
+        folder.mkdir()
+        (folder / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
+        expected = gguf.SpecialVocab(folder, load_merges=True).merges
+        assert len(expected) == len(merges) > 100
+        assert _merge_strings(tj["model"]["merges"]) == expected

@@ -124,6 +124,17 @@ def _merges_well_formed(merges: list) -> bool:
     return not merges
 
 
+def _merge_strings(merges: list) -> list[str]:
+    """tokenizer.json's merges (this run's parse) as gguf's SpecialVocab stores them: "left right",
+    [left, right] pairs (transformers >= 4.45) joined by a space, a space inside a part as U+0120."""
+    if not merges or isinstance(merges[0], str):
+        return list(merges)
+    if " " not in "".join(itertools.chain.from_iterable(merges)):  # the usual case, in C-level passes
+        return list(map(" ".join, merges))
+    shift = str.maketrans(" ", chr(ord(" ") + 256))
+    return [f"{a.translate(shift)} {b.translate(shift)}" for a, b in merges]
+
+
 def _read_sp_model(path: Path):
     """tokenizer.model as a SentencePiece ModelProto, or a one-line error."""
     from google.protobuf.message import DecodeError
@@ -370,11 +381,14 @@ def _add_specials(writer: gguf.GGUFWriter, model_dir: Path, tj: dict[str, Any] |
     level = vocab_log.level
     vocab_log.setLevel(logging.ERROR)
     try:
-        special = gguf.SpecialVocab(model_dir, load_merges=model == "gpt2", n_vocab=n_tokens)
+        own = None if tj is None else tj["model"].get("merges") or None  # merges.txt where tokenizer.json has none
+        special = gguf.SpecialVocab(model_dir, load_merges=model == "gpt2" and own is None, n_vocab=n_tokens)
     except (OSError, UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
         raise LlmquantError(f"cannot read the tokenizer files in {model_dir}: {exc}") from None
     finally:
         vocab_log.setLevel(level)
+    if model == "gpt2" and own is not None:
+        special.merges = _merge_strings(own)
     if model == "gpt2" and not special.merges:
         raise LlmquantError(f"no BPE merges in {model_dir}: llama.cpp cannot load a gpt2 vocab without them")
     ids = special.special_token_ids

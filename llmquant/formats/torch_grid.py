@@ -176,13 +176,26 @@ def running_max(v: torch.Tensor) -> torch.Tensor:
 
 
 def signed_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of [m, n]: (largest magnitude, the signed value having it), [m] each; the first on ties.
+    """Per row of [m, n]: (largest magnitude, the signed value having it), [m] each.
 
-    C scans with ``if (fabsf(x) > amax)``; ``argmax`` returns the first maximum too.
+    As C scans (``if (fabsf(x) > amax) { amax = fabsf(x); max = x; }`` from 0): the
+    first on ties, +0.0 for a row of zeros. On the CPU one min/max pass over x, and
+    only rows whose extremes tie in magnitude (+a and -a) scanned again for the first;
+    elsewhere (an accelerator, the meta device) the first argmax of |x|, which asks
+    nothing of the host.
     """
-    ax = x.abs()
-    i = ax.argmax(dim=1, keepdim=True)
-    return ax.gather(1, i)[:, 0], x.gather(1, i)[:, 0]
+    lo, hi = x.aminmax(dim=1)
+    neg = -lo
+    amax = torch.maximum(hi, neg).abs_()  # abs_: +0.0, never -0.0
+    vmax = torch.where(amax > 0, torch.where(hi > neg, hi, lo), torch.zeros_like(lo))
+    if x.device.type != "cpu":
+        first = x.gather(1, x.abs().argmax(dim=1, keepdim=True))[:, 0]
+        return amax, torch.where(hi == neg, first, vmax).where(amax > 0, vmax)
+    tied = torch.nonzero((hi == neg) & (amax > 0))[:, 0]
+    if tied.numel():
+        rows = x.index_select(0, tied)
+        vmax[tied] = rows.gather(1, rows.abs().argmax(dim=1, keepdim=True))[:, 0]
+    return amax, vmax
 
 
 def divide_or_zero(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
