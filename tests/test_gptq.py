@@ -517,3 +517,42 @@ def test_gptq_of_the_model_target_fits_the_full_precision_output_better(name, no
     into = model_target(mine, H, D, in_place=True)  # into the weights given: no second copy
     assert into[0] is mine[0] and into[1] is mine[1]
     assert torch.equal(mine[0], both[0]) and torch.equal(mine[1], both[1])
+
+
+def _gptq_loss(W, W_hat, H) -> torch.Tensor:
+    """Each row's (Ŵ - W) H (Ŵ - W)ᵀ: [co]."""
+    E = (W_hat - W).to(torch.float64)
+    return ((E @ H.to(torch.float64)) * E).sum(1)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("name", FORMATS)
+def test_refit_lowers_every_rows_loss_and_stays_on_the_file_grid(layer, name, act_order):
+    """--gptq-refit: the grids refitted to the walk's codes never raise a row's loss, lower the
+    layer's, keep the codes, and the file still holds exactly the weights chosen."""
+    W, X, H = layer
+    fmt = get_format(name)
+    walk = gptq_quantize(W, H, fmt, act_order=act_order)
+    once = gptq_quantize(W, H, fmt, act_order=act_order, refit=1)
+    assert_valid(once.q, once.W_hat, fmt, W.shape)
+    assert np.array_equal(once.q.codes, walk.q.codes)  # one round: the walk's codes, new grids
+    before, after = _gptq_loss(W, walk.W_hat, H), _gptq_loss(W, once.W_hat, H)
+    assert (after <= before * (1 + 1e-6)).all()
+    assert after.sum() < 0.995 * before.sum()
+    assert out_err(W, once.W_hat, X) < out_err(W, walk.W_hat, X)
+    twice = gptq_quantize(W, H, fmt, act_order=act_order, refit=2)  # a walk on the refitted grids, refitted
+    assert_valid(twice.q, twice.W_hat, fmt, W.shape)
+    assert not np.array_equal(twice.q.codes, walk.q.codes)
+
+
+def test_refit_takes_the_exact_minimum_along_a_block():
+    """One block per row and a diagonal H: the refitted scale is the weighted least-squares
+    scale of the codes, Σ h·c·w / Σ h·c², rounded to fp16, and the codes are unchanged."""
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(16, 32, generator=g)
+    h = torch.rand(32, generator=g) + 0.1
+    Q = torch.randint(-8, 8, (16, 32), generator=g).float()
+    S = torch.ones(16, 1)
+    gptq.refit_grid(W, torch.diag(h), Q, S, None, 32)
+    best = ((h * Q * W).sum(1) / (h * Q * Q).sum(1)).to(torch.float16).to(torch.float32)
+    assert torch.equal(S[:, 0], best)
