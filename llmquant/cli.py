@@ -55,8 +55,6 @@ def _add_quantize(sub) -> None:
     g.add_argument("--awq-grid", type=int, default=None, help="awq, awq+gptq: alpha grid points in [0, 1) (default 20)")
     g.add_argument("--gptq-target", default=None, help="gptq, awq+gptq: what each linear's output is fitted to: layer "
                    "(its own output on its quantized inputs) or model (the full-precision model's output there; default)")
-    g.add_argument("--gptq-refit", type=int, default=None, help="gptq, awq+gptq: rounds refitting each block's "
-                   "scale (and min) to the walk's codes under the whole row's loss (legacy types; default 0)")
     g.add_argument("--tune-steps", type=int, default=None, help="tune methods: steps per layer (default 200)")
     g.add_argument("--tune-lr", type=float, default=None, help="tune methods: Adam step of the rounding offsets, in codes (default 1e-2)")
     g.add_argument("--tune-batch", type=int, default=None, help="tune methods: calibration sequences per step (default 1)")
@@ -83,8 +81,7 @@ def _add_calibration_flags(g) -> None:
 _METHOD_FLAGS = {"damp": ("damp", None), "act_order": ("act_order", None),
                  "scale_search": ("no_scale_search", lambda v: not v), "n_grid": ("awq_grid", None),
                  "steps": ("tune_steps", None), "lr": ("tune_lr", None), "tune_batch": ("tune_batch", None),
-                 "target": ("tune_target", None), "loss": ("tune_loss", None), "gptq_target": ("gptq_target", None),
-                 "refit": ("gptq_refit", None)}
+                 "target": ("tune_target", None), "loss": ("tune_loss", None), "gptq_target": ("gptq_target", None)}
 _CALIB_FLAGS = {"samples": "calib_samples", "seqlen": "calib_seqlen", "seed": "seed",
                 "text_file": "calib_text", "dataset": "calib_dataset",
                 "source": "calib_source"}

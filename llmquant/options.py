@@ -44,7 +44,6 @@ BOUNDS = {
     "target": Bound("--tune-target", str, choices=("layer", "model")),
     "loss": Bound("--tune-loss", str, choices=("normed", "hidden")),
     "gptq_target": Bound("--gptq-target", str, choices=("layer", "model")),
-    "refit": Bound("--gptq-refit", int, 0, 10),  # each round past the first is one more walk
     # generate
     "max_tokens": Bound("--max-tokens", int, 1),
     "ctx": Bound("--ctx", int, 1, 1 << 20),

@@ -496,11 +496,10 @@ class AWQGPTQMethod(FitsTarget, AWQMethod, method="awq+gptq"):
 
 
     def __init__(self, n_grid: int = 20, damp: float = 0.01, act_order: bool = False, scale_search: bool = True,
-                 block_cols: int = 128, clip_ratios=CLIP_RATIOS, gptq_target: str = "model", refit: int = 0):
+                 block_cols: int = 128, clip_ratios=CLIP_RATIOS, gptq_target: str = "model"):
         super().__init__(n_grid, clip_ratios)
         self._set_target(gptq_target)
         self.damp, self.act_order, self.scale_search, self.block_cols = damp, act_order, scale_search, block_cols
-        self.refit = refit
 
     def observe_pair(self, group: str, x_fp: torch.Tensor, x: torch.Tensor) -> None:
         self.observe(group, x)
@@ -520,7 +519,7 @@ class AWQGPTQMethod(FitsTarget, AWQMethod, method="awq+gptq"):
                 # H = 2·G, doubled inside GPTQ's float64 work copy: no scaled float32 copy of G beside it
                 results = gptq_quantize_rows(targets.pop(fmt), st.G, fmt, damp=self.damp,
                                              act_order=self.act_order, block_cols=self.block_cols,
-                                             scale_search=self.scale_search, h_scale=2.0, refit=self.refit)
+                                             scale_search=self.scale_search, h_scale=2.0)
             except HessianError as exc:
                 warnings.warn(f"{exc}; AWQ clip search instead of GPTQ", stacklevel=4)
                 for i in idx:

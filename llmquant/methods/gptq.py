@@ -42,7 +42,6 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from ..formats import torch_grid as tg
 from ..formats.base import BlockFormat, QuantBlocks
 from ..formats.torch_grid import Projection, map_rows
 from ..formats.torch_grid import dequantize as _dequant  # codes [..., n, g], d, m [..., n] -> weights
@@ -542,57 +541,6 @@ def _columns(W1, Err1, Hinv1, Q1, S, M, fmt, cols: range, blocks: list[int]) -> 
         Q1[:, i : i + 1] = c
 
 
-def refit_grid(W: torch.Tensor, H: torch.Tensor, Q: torch.Tensor, S: torch.Tensor, M: torch.Tensor | None,
-               sub: int) -> int:
-    """With the codes fixed, each block's scale (and min) refitted to the whole row's GPTQ loss,
-    in place on S, M [co, ci/sub]; returns how many blocks changed.
-
-    The walk fixes a block's grid before it sees the columns after it, and never
-    revisits it; with the codes Q [co, ci] known, the loss (Ŵ - W) H (Ŵ - W)ᵀ of each
-    row (W [co, ci] the weights fitted, H [ci, ci]) is a quadratic in the block
-    grids. One Gauss-Seidel sweep over the blocks: the exact minimum along each
-    block's (d, m), rounded to fp16 as the file stores it, taken only where it
-    lowers the loss (so the loss never rises; in one dimension the nearest fp16 of
-    the minimum is the best fp16 on that line). The gradient G = (Ŵ - W)·H is
-    kept current by one [co, sub] x [sub, ci] product per block. Legacy (one-level)
-    grids only: a k-quant's integer sub-scales are chosen with their super-block.
-    """
-    co, ci = W.shape
-    Hf = H.to(torch.float32)
-    C = Q.reshape(co, -1, sub)
-    G = (_dequant(C, S, M).reshape(co, ci) - W) @ Hf  # [co, ci]
-    changed = 0
-    for j in range(ci // sub):
-        cols = slice(j * sub, (j + 1) * sub)
-        c, Hjj, g = C[:, j], Hf[cols, cols], G[:, cols]
-        cH = c @ Hjj  # [co, sub]
-        a, b = (cH * c).sum(1), (c * g).sum(1)  # the loss along d: a·δ² + 2b·δ
-        if M is None:
-            d = tg.f16_round(S[:, j] - b / torch.where(a > 0, a, 1.0))
-            dd, dm = d - S[:, j], None
-            gain = dd * (2 * b + a * dd)
-        else:  # along (d, m): [[a, e], [e, o]] with e = c·H·1, o = 1·H·1
-            e, o, bm = cH.sum(1), Hjj.sum(), g.sum(1)
-            det = a * o - e * e
-            ok = det > 1e-6 * (a * o).clamp_min(1e-30)
-            det = torch.where(ok, det, 1.0)
-            d = tg.f16_round(S[:, j] - (o * b - e * bm) / det)
-            m = tg.f16_round(M[:, j] - (a * bm - e * b) / det)
-            dd, dm = d - S[:, j], m - M[:, j]
-            gain = dd * (2 * b + a * dd) + dm * (2 * bm + o * dm + 2 * e * dd)
-        take = (gain < 0) & (a > 0)
-        dd = torch.where(take, dd, 0.0)
-        S[:, j] += dd
-        step = dd[:, None] * c
-        if M is not None:
-            dm = torch.where(take, dm, 0.0)
-            M[:, j] += dm
-            step = step + dm[:, None]
-        G.addmm_(step, Hf[cols])
-        changed += int(take.sum())
-    return changed
-
-
 def _joined(pieces: list[Projection], co: int) -> Projection:
     """The k-quant grids of each 256-column range, in walk order ([co] super-blocks each), as one
     grid in ggml order (row r, super-block s at r·nsb + s)."""
@@ -641,7 +589,6 @@ def gptq_quantize_rows(
     scale_search: bool = True,
     search_loss: str = "hdiag",
     h_scale: float = 1.0,
-    refit: int = 0,
 ) -> list[GPTQResult]:
     """GPTQ of linears that share one input (q/k/v, gate/up: one H) under ``H [ci, ci]`` (2/n·XᵀX)
     onto fmt's blocks, in one walk over their rows stacked, ``[Σ co, ci]``; one result per
@@ -666,8 +613,6 @@ def gptq_quantize_rows(
     h_scale: H is h_scale·H, applied in the float64 work copy instead of a scaled
     float32 copy of H (a power of two, such as AWQ's 2 of 2/n·XᵀX over its mean
     XᵀX/n, gives bit for bit the result of passing h_scale·H).
-    refit: rounds of ``refit_grid`` after the walk (legacy types), each after the first
-    preceded by a walk from the weights again on the refitted grids, held fixed.
     Raises HessianError if H is all zero or non-finite, or stays indefinite.
     """
     ci = Ws[0].shape[1]
@@ -725,14 +670,8 @@ def gptq_quantize_rows(
         return d[:, None], None if m is None else m[:, None]
 
     Q = _walk(W, Hinv, fmt, S, M, block_cols, col_block, None if act_order else choose)
-    natural = None if perm is None else torch.argsort(perm)
-    for r in range(0 if two_level else refit):
-        if r:  # walk again on the refitted grids, held fixed (static groups)
-            W = W0.clone() if perm is None else W0[:, perm]
-            blocks = (order // sub).tolist()
-            Q = _walk(W, Hinv, fmt, S, M, block_cols, blocks)
-        refit_grid(W0, H0, Q if natural is None else Q[:, natural], S, M, sub)
     if perm is not None:
+        natural = torch.argsort(perm)
         Q, W = Q[:, natural], W[:, natural]
     if two_level:  # S, M hold the flat view of these grids
         grid = pieces[0] if act_order else _joined(pieces, co)

@@ -64,10 +64,9 @@ class GPTQMethod(FitsTarget, Method, method="gptq"):
     needs_calibration = True
 
     def __init__(self, damp: float = 0.01, act_order: bool = False, scale_search: bool = True, block_cols: int = 128,
-                 gptq_target: str = "model", refit: int = 0):
+                 gptq_target: str = "model"):
         self._set_target(gptq_target)
         self.damp, self.act_order, self.scale_search, self.block_cols = damp, act_order, scale_search, block_cols
-        self.refit = refit
         self._acc: dict[str, HessianAccumulator] = {}
         self._cross: dict[str, torch.Tensor] = {}  # group -> Σ (x_fp - x)ᵀ x, where gptq_target is "model"
 
@@ -106,7 +105,7 @@ class GPTQMethod(FitsTarget, Method, method="gptq"):
             try:
                 results = gptq_quantize_rows(targets.pop(fmt), acc.hessian(), fmt, damp=self.damp,
                                              act_order=self.act_order, block_cols=self.block_cols,
-                                             scale_search=self.scale_search, refit=self.refit)
+                                             scale_search=self.scale_search)
             except HessianError as exc:
                 for i in idx:
                     name, W, _ = members[i]
