@@ -184,17 +184,19 @@ def signed_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     elsewhere (an accelerator, the meta device) the first argmax of |x|, which asks
     nothing of the host.
     """
+    def first(rows: torch.Tensor) -> torch.Tensor:  # the first value of largest magnitude
+        return rows.gather(1, rows.abs().argmax(dim=1, keepdim=True))[:, 0]
+
     lo, hi = x.aminmax(dim=1)
     neg = -lo
     amax = torch.maximum(hi, neg).abs_()  # abs_: +0.0, never -0.0
-    vmax = torch.where(amax > 0, torch.where(hi > neg, hi, lo), torch.zeros_like(lo))
+    zero = torch.zeros_like(lo)
     if x.device.type != "cpu":
-        first = x.gather(1, x.abs().argmax(dim=1, keepdim=True))[:, 0]
-        return amax, torch.where(hi == neg, first, vmax).where(amax > 0, vmax)
+        return amax, torch.where(amax > 0, first(x), zero)
+    vmax = torch.where(amax > 0, torch.where(hi > neg, hi, lo), zero)
     tied = torch.nonzero((hi == neg) & (amax > 0))[:, 0]
     if tied.numel():
-        rows = x.index_select(0, tied)
-        vmax[tied] = rows.gather(1, rows.abs().argmax(dim=1, keepdim=True))[:, 0]
+        vmax[tied] = first(x.index_select(0, tied))
     return amax, vmax
 
 
