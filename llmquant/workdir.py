@@ -96,6 +96,7 @@ class WorkDir:
         self.path = work_dir_for(Path(out))
         self.partial = self.path / PARTIAL
         self._lock = None
+        self._report_dicts: list[dict] = []  # the reports already converted: a layer's never change after it
 
     def open(self, fp: dict, resume: bool) -> ResumePoint | None:
         """Claim the folder; the point to continue from when ``resume`` finds one."""
@@ -184,8 +185,10 @@ class WorkDir:
         """Record a layer boundary. The partial file must already be synced up to point.offset."""
         names = (self._save_stream("hidden", point.layers_done, point.hidden),
                  self._save_stream("fp-hidden", point.layers_done, point.fp_hidden))
+        # converted once each: asdict of every report at every boundary grows with the square of the depth
+        self._report_dicts += [dataclasses.asdict(r) for r in point.reports[len(self._report_dicts):]]
         state = {"layers_done": point.layers_done, "offset": point.offset, "n_written": point.n_written,
-                 "hidden": names[0], "fp_hidden": names[1], "reports": [dataclasses.asdict(r) for r in point.reports]}
+                 "hidden": names[0], "fp_hidden": names[1], "reports": self._report_dicts[:len(point.reports)]}
         _write_json(self.path / STATE, state)
         for old in [*self.path.glob("hidden-*.pt"), *self.path.glob("fp-hidden-*.pt")]:
             if old.name not in names:

@@ -144,6 +144,20 @@ def test_q8_0_rtn_stays_symmetric():
     assert q.codes.min() == -127 and q.codes.max() == 127
 
 
+def test_q8_0_roundf_is_c_roundf_on_every_float_it_meets():
+    """Every float32 in [0.25, 2), the 2**16 smallest, and 2**16 floats around each tie k + 0.5
+    up to 2**22, against gguf's np_roundf (ties away from zero), both signs (q8_0's |v| <= 127)."""
+    from llmquant.formats.q8_0 import roundf
+
+    bits = np.float32([0.25, 2.0]).view(np.int32)
+    low = np.concatenate([np.arange(1 << 16, dtype=np.int32), np.arange(*bits, dtype=np.int32)]).view(np.float32)
+    ties = np.concatenate([np.arange(128), 2.0 ** np.arange(7, 23) - 1]).astype(np.float32) + np.float32(0.5)
+    around = (ties.view(np.int32)[:, None] + np.arange(-1 << 15, 1 << 15, dtype=np.int32)).view(np.float32)
+    v = np.concatenate([low, around.ravel()])
+    v = np.concatenate([v, -v])
+    assert np.array_equal(roundf(torch.from_numpy(v)).numpy(), gq.np_roundf(v))
+
+
 def test_q4_0_extreme_lands_on_minus_8():
     x = np.linspace(-1, 3, 32, dtype=np.float32)[None]
     q = get_format("q4_0").rtn(x)

@@ -255,8 +255,9 @@ def verify_gguf(path: Path, planned: list[tuple[str, int]] | None = None) -> str
     if planned is not None and size != end + _pad(end, table.alignment):
         raise LlmquantError(f"the written file {path} is {size} bytes, expected {end + _pad(end, table.alignment)}")
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    block = memoryview(bytearray(1 << 22))  # one buffer read into again and again: no fresh pages per block
+    with open(path, "rb", buffering=0) as fh:
         fh.seek(table.data_offset)
-        while block := fh.read(1 << 24):
-            digest.update(block)
+        while n := fh.readinto(block):
+            digest.update(block[:n])
     return "sha256:" + digest.hexdigest()

@@ -40,10 +40,15 @@ from .torch_grid import Projection
 #   q4_1: q = code,     code in [0, 15];  w = d * code + m
 
 
-def pack_nibbles(stored: np.ndarray) -> np.ndarray:
-    """uint [n, 32] values < 16 -> uint8 [n, 16]: element j low, j + 16 high."""
-    s = stored.astype(np.uint8)
-    return s[:, :16] | (s[:, 16:] << np.uint8(4))
+def pack_nibbles(stored: np.ndarray, offset: int = 0) -> np.ndarray:
+    """int [n, 32] values in [-offset, 16 - offset) -> uint8 [n, 16] of value + offset: element j low, j + 16 high.
+
+    In torch, on its intra-op threads: the packing of every weight of the model
+    is one of the few passes over all of them that rtn makes.
+    """
+    s = torch.from_numpy(np.ascontiguousarray(stored))
+    s = (s + offset if offset else s).to(torch.uint8)
+    return torch.bitwise_or(s[:, :16], s[:, 16:].bitwise_left_shift(4)).numpy()
 
 
 def unpack_nibbles(qs: np.ndarray) -> np.ndarray:
@@ -57,8 +62,11 @@ def reciprocal(d: torch.Tensor) -> torch.Tensor:
 
 
 def truncate_codes(v: torch.Tensor, hi: int) -> torch.Tensor:
-    """``MIN(hi, (int)v)`` for v >= 0, as int32: C's float-to-int conversion truncates."""
-    return torch.trunc(v).clamp_max_(hi).to(torch.int32)
+    """``MIN(hi, (int)v)`` for v >= 0, as int32: C's float-to-int conversion truncates.
+
+    v is consumed (truncated in place): callers pass the fresh tensor of an expression.
+    """
+    return v.trunc_().clamp_max_(hi).to(torch.int32)
 
 
 def stored(d: torch.Tensor, lo: torch.Tensor | None = None) -> Projection:
@@ -71,8 +79,18 @@ def min_rule(fmt: type[BlockFormat], x: torch.Tensor) -> tuple[torch.Tensor, Pro
     """``quantize_row_q{4,5}_1_ref`` on blocks x [n, 32]: d = (max - min)/qmax, codes trunc((x - min)/d + 0.5)."""
     lo = x.amin(dim=1)
     d = (x.amax(dim=1) - lo) / tg.const(float(fmt.qmax), x)
-    codes = truncate_codes((x - lo[:, None]) * reciprocal(d)[:, None] + tg.const(0.5, x), fmt.qmax)
+    v = (x - lo[:, None]).mul_(reciprocal(d)[:, None])
+    codes = truncate_codes(v.add_(tg.const(0.5, x)), fmt.qmax)
     return codes, stored(d, lo)
+
+
+def symmetric_rule(x: torch.Tensor, half: int) -> tuple[torch.Tensor, Projection]:
+    """``quantize_row_q{4,5}_0_ref`` on blocks x [n, 32]: d = max / -half from the signed extreme
+    (the first on ties, as C scans), codes trunc(x/d + half + 0.5) - half in [-half, half - 1]."""
+    d = tg.signed_max(x)[1] / tg.const(-float(half), x)
+    v = x * reciprocal(d)[:, None]
+    q = truncate_codes(v.add_(tg.const(half + 0.5, x)), 2 * half - 1)  # in place: the same two roundings
+    return q.sub_(half), stored(d)
 
 
 def legacy_rows(fmt: type[BlockFormat], blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
@@ -89,10 +107,7 @@ class Q4_0(BlockFormat, qtype=GGMLQuantizationType.Q4_0):
 
     @classmethod
     def rtn_torch(cls, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, Projection]:
-        x = legacy_rows(cls, blocks, importance)
-        d = tg.signed_max(x)[1] / tg.const(-8.0, x)  # the signed extreme, the first on ties as C scans
-        q = truncate_codes(x * reciprocal(d)[:, None] + tg.const(8.5, x), 15)
-        return q - 8, stored(d)
+        return symmetric_rule(legacy_rows(cls, blocks, importance), 8)
 
     @classmethod
     def rtn_weighted_torch(cls, rows: torch.Tensor, importance: torch.Tensor) -> tuple[torch.Tensor, Projection]:
@@ -101,7 +116,7 @@ class Q4_0(BlockFormat, qtype=GGMLQuantizationType.Q4_0):
     @classmethod
     def pack(cls, q: QuantBlocks) -> np.ndarray:
         cls.check(q)
-        return np.concatenate([f16_bytes(q.scales), pack_nibbles(q.codes + 8)], axis=1)
+        return np.concatenate([f16_bytes(q.scales), pack_nibbles(q.codes, 8)], axis=1)
 
     @classmethod
     def unpack(cls, data: np.ndarray) -> QuantBlocks:

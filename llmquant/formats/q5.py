@@ -12,15 +12,12 @@ import torch
 from gguf import GGMLQuantizationType
 
 from . import legacy_weighted
-from . import torch_grid as tg
 from .base import BlockFormat, QuantBlocks, f16_bytes, f16_from_bytes
 from .q4 import (
     legacy_rows,
     min_rule,
     pack_nibbles,
-    reciprocal,
-    stored,
-    truncate_codes,
+    symmetric_rule,
     unpack_nibbles,
 )
 from .torch_grid import Projection
@@ -66,10 +63,7 @@ class Q5_0(BlockFormat, qtype=GGMLQuantizationType.Q5_0):
 
     @classmethod
     def rtn_torch(cls, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, Projection]:
-        x = legacy_rows(cls, blocks, importance)
-        d = tg.signed_max(x)[1] / tg.const(-16.0, x)
-        q = truncate_codes(x * reciprocal(d)[:, None] + tg.const(16.5, x), 31)
-        return q - 16, stored(d)
+        return symmetric_rule(legacy_rows(cls, blocks, importance), 16)
 
     @classmethod
     def rtn_weighted_torch(cls, rows: torch.Tensor, importance: torch.Tensor) -> tuple[torch.Tensor, Projection]:

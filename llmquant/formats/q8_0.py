@@ -36,14 +36,18 @@ from .torch_grid import Projection
 
 
 def roundf(v: torch.Tensor) -> torch.Tensor:
-    """C ``roundf``: nearest integer, ties away from zero (not torch's to-even).
+    """C ``roundf`` for |v| < 2**23: nearest integer, ties away from zero (not torch's to-even).
 
-    ``floor(|v| + 0.5)`` would round 0.49999997f up, so the fraction is
-    split off first (the same trick ``gguf.quants.np_roundf`` uses).
+    ``trunc(|v| + h)`` with h the float just below 0.5: with 0.5 itself,
+    0.49999997f + 0.5f rounds up to 1; with h every tie k + 0.5 still reaches
+    k + 1 and nothing below a tie does (q8_0's |v| is at most 127). One new
+    tensor, where splitting the fraction off takes three.
     """
     a = v.abs()
-    fl = torch.floor(a)
-    return torch.copysign(fl + torch.floor((a - fl) * tg.const(2.0, a)), v)
+    return a.add_(tg.const(_BELOW_HALF, a)).trunc_().copysign_(v)
+
+
+_BELOW_HALF = float(np.nextafter(np.float32(0.5), np.float32(0)))
 
 
 class Q8_0(BlockFormat, qtype=GGMLQuantizationType.Q8_0):
@@ -54,7 +58,7 @@ class Q8_0(BlockFormat, qtype=GGMLQuantizationType.Q8_0):
     @classmethod
     def rtn_torch(cls, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, Projection]:
         x = legacy_rows(cls, blocks, importance)
-        d = x.abs().amax(dim=1) / tg.const(127.0, x)
+        d = tg.abs_max(x) / tg.const(127.0, x)
         return roundf(x * reciprocal(d)[:, None]).to(torch.int32), stored(d)
 
     @classmethod
