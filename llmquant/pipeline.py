@@ -75,7 +75,8 @@ def release_freed_memory() -> None:
 
     glibc keeps freed heap pages for reuse, and the many mid-sized temporaries
     of a calibrated layer fragment its arenas, so without a trim resident
-    memory creeps up layer after layer.
+    memory creeps up layer after layer. Not after an rtn layer: one tensor's
+    temporaries at a time, the same sizes layer after layer, reused as they are.
     """
     if _libc is not None:
         _libc.malloc_trim(0)
@@ -176,6 +177,22 @@ class Pipeline:
             hidden = hidden.to(self.runner.device)
             fp_hidden = None if fp_hidden is None else fp_hidden.to(self.runner.device)
             self.runner.capture_kwargs(hidden[:batch_size])
+        try:
+            self._layers(first, hidden, fp_hidden, batch_size, work)
+        except BaseException:
+            if work is not None:
+                work.settle(quiet=True)  # the boundary in flight completes while the partial file is open
+            raise
+        if work is not None:
+            work.settle()
+        for entry in self.plan.outside_layers(before=False):
+            self._write_entry(entry)
+        self.result.stages = self.clock.snapshot()
+        return self.result
+
+    def _layers(self, first: int, hidden: torch.Tensor | None, fp_hidden: torch.Tensor | None, batch_size: int,
+                work: WorkDir | None) -> None:
+        calibrated = self.method.needs_calibration
         n_layers = self.plan.n_layers
         bar = tqdm(range(n_layers), desc="layers", unit="layer", disable=not self.progress, dynamic_ncols=True,
                    initial=first)
@@ -198,19 +215,16 @@ class Pipeline:
                         self._write_entry(e)
                     else:
                         self._rtn_tensor(e.source)
-            release_freed_memory()
+            if calibrated:  # rtn's temporaries have the same sizes at every layer: glibc reuses them, and a
+                release_freed_memory()  # trim would hand back the pages the next layer faults in again
             if work is not None:
                 with self.clock("write"):
-                    self.output.sync()
+                    self.output.flush()
                     work.save(ResumePoint(i + 1, self.output.position, self.output.n_written, hidden,
-                                          self.result.reports, fp_hidden))
+                                          self.result.reports, fp_hidden), sync=self.output.fsync)
             self.result.layer_stages.append({"layer": i, **self.clock.since(before)})
             bar.update()
         bar.close()
-        for entry in self.plan.outside_layers(before=False):
-            self._write_entry(entry)
-        self.result.stages = self.clock.snapshot()
-        return self.result
 
     def _quantizable(self, hf_name: str) -> bool:
         planned = self.plan[hf_name]

@@ -22,6 +22,8 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,6 +99,8 @@ class WorkDir:
         self.partial = self.path / PARTIAL
         self._lock = None
         self._report_dicts: list[dict] = []  # the reports already converted: a layer's never change after it
+        self._saver: ThreadPoolExecutor | None = None  # records layer boundaries in the background
+        self._pending: Future | None = None
 
     def open(self, fp: dict, resume: bool) -> ResumePoint | None:
         """Claim the folder; the point to continue from when ``resume`` finds one."""
@@ -171,32 +175,64 @@ class WorkDir:
         except Exception as exc:  # missing, truncated or not a tensor file: all mean "cannot continue"
             raise self._damaged(f"{name}: {exc}") from None
 
-    def _save_stream(self, stem: str, layers_done: int, hidden: torch.Tensor | None) -> str | None:
+    def _write_stream(self, stem: str, layers_done: int, hidden: torch.Tensor | None) -> tuple[Path, str] | None:
+        """The stream's file, written (not yet synced) under a temporary name: (that path, its final name)."""
         if hidden is None:
             return None
         name = f"{stem}-{layers_done:05d}.pt"
         tmp = self.path / (name + ".tmp")
         torch.save(hidden.cpu(), tmp)  # a CPU tensor: a run stopped on a GPU resumes anywhere
-        _fsync(tmp)
-        os.replace(tmp, self.path / name)
-        return name
+        return tmp, name
 
-    def save(self, point: ResumePoint) -> None:
-        """Record a layer boundary. The partial file must already be synced up to point.offset."""
-        names = (self._save_stream("hidden", point.layers_done, point.hidden),
-                 self._save_stream("fp-hidden", point.layers_done, point.fp_hidden))
+    def save(self, point: ResumePoint, sync: Callable[[], None]) -> None:
+        """Record a layer boundary, in the background: ``sync`` makes the partial file durable up to
+        point.offset, then the streams are synced and the state names them.
+
+        The caller goes on writing the next layer meanwhile: the fsyncs take as long as
+        a small layer's quantization. What the point holds is copied or written out here
+        first (the streams to temporary files, the reports converted), so the caller may
+        change it. One boundary in flight at a time: this waits for the one before, and
+        raises what failed in it.
+        """
+        self.settle()
+        streams = (self._write_stream("hidden", point.layers_done, point.hidden),
+                   self._write_stream("fp-hidden", point.layers_done, point.fp_hidden))
+        names = tuple(None if s is None else s[1] for s in streams)
         # converted once each: asdict of every report at every boundary grows with the square of the depth
         self._report_dicts += [dataclasses.asdict(r) for r in point.reports[len(self._report_dicts):]]
         state = {"layers_done": point.layers_done, "offset": point.offset, "n_written": point.n_written,
                  "hidden": names[0], "fp_hidden": names[1], "reports": self._report_dicts[:len(point.reports)]}
-        _write_json(self.path / STATE, state)
-        for old in [*self.path.glob("hidden-*.pt"), *self.path.glob("fp-hidden-*.pt")]:
-            if old.name not in names:
-                old.unlink()
+
+        def commit() -> None:
+            sync()
+            for tmp, name in filter(None, streams):
+                _fsync(tmp)
+                os.replace(tmp, self.path / name)
+            _write_json(self.path / STATE, state)
+            for old in [*self.path.glob("hidden-*.pt"), *self.path.glob("fp-hidden-*.pt")]:
+                if old.name not in names:
+                    old.unlink()
+
+        if self._saver is None:
+            self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmquant-checkpoint")
+        self._pending = self._saver.submit(commit)
+
+    def settle(self, quiet: bool = False) -> None:
+        """Wait for the boundary being recorded; raise what failed in it unless ``quiet``
+        (a run already failing for another reason keeps the boundary before)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            pending.result()
+        except Exception:
+            if not quiet:
+                raise
 
     @property
     def resumable(self) -> bool:
-        """True once a layer boundary was recorded."""
+        """True once a layer boundary was recorded (the one in flight waited for, quietly)."""
+        self.settle(quiet=True)
         return (self.path / STATE).is_file()
 
     def remove(self) -> None:
@@ -204,6 +240,10 @@ class WorkDir:
         shutil.rmtree(self.path, ignore_errors=True)
 
     def release(self) -> None:
+        self.settle(quiet=True)
+        if self._saver is not None:
+            self._saver.shutdown()
+            self._saver = None
         if self._lock is not None:
             self._lock.close()
             self._lock = None

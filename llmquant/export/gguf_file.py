@@ -195,7 +195,16 @@ class GGUFOutput:
 
     def sync(self) -> None:
         """Make everything written so far durable (a layer boundary a run can resume from)."""
-        self._guard(lambda: (self._fh.flush(), os.fsync(self._fh.fileno())))
+        self.flush()
+        self.fsync()
+
+    def flush(self) -> None:
+        """Hand what is buffered here to the OS (what ``fsync`` then makes durable)."""
+        self._guard(self._fh.flush)
+
+    def fsync(self) -> None:
+        """Make what was flushed durable; safe from another thread while this one writes on."""
+        self._guard(lambda: os.fsync(self._fh.fileno()))
 
     def commit(self) -> None:
         """Flush, check the file reads back as planned, then rename it into place."""
