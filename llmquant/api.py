@@ -15,6 +15,7 @@ from .export.arch import get_arch
 from .export.gguf_file import GGUFOutput, ResumableError
 from .export.metadata import add_metadata
 from .export.tokenizer import check_tokenizer_files
+from .gc_pause import paused_gc
 from .loading.source import read_config, resolve_model
 from .loading.weights import WeightStore
 from .methods import METHODS, Method, make_method, method_registry
@@ -106,7 +107,8 @@ def quantize(
     config = read_config(model_dir)
     spec = get_arch(config)
     spec.check_config(config)
-    tokenizer_json = check_tokenizer_files(model_dir)
+    with paused_gc():  # a dict per token, a string per merge
+        tokenizer_json = check_tokenizer_files(model_dir)
     calib = calibration or CalibrationConfig()
     from .card import card_path
 
@@ -147,15 +149,17 @@ def quantize(
     point = work.open(fingerprint(model_dir, store.files, settings), resume)
     try:
         with GGUFOutput(out, spec.gguf_name, tmp=work.partial) as output:
-            add_metadata(output.writer, spec, config, model_dir, recipe, meth.name, tokenizer_json)
-            tokenizer_json = None  # a 262k vocabulary's is hundreds of MB: not held across the layers
-            if imatrix_read is not None:
-                _add_imatrix_metadata(output.writer, Path(imatrix), imatrix_read)
-            output.declare(plan.tensors, None if point is None else (point.offset, point.n_written))
+            with paused_gc():  # the tokenizer once more (gguf's SpecialVocab), and every token written
+                add_metadata(output.writer, spec, config, model_dir, recipe, meth.name, tokenizer_json)
+                tokenizer_json = None  # a 262k vocabulary's is hundreds of MB: not held across the layers
+                if imatrix_read is not None:
+                    _add_imatrix_metadata(output.writer, Path(imatrix), imatrix_read)
+                output.declare(plan.tensors, None if point is None else (point.offset, point.n_written))
             pipe = Pipeline(spec=spec, config=config, store=store, plan=plan, method=meth,
                             output=output, runner=runner, progress=progress, importance=importance)
             result = pipe.run(tokens, calib.batch_size, resume=point, work=work)
-            output.commit()
+            with paused_gc():  # the written metadata read back
+                output.commit()
     except (KeyboardInterrupt, ResumableError, MemoryError, RuntimeError) as exc:
         if work.resumable:
             work.release()  # the finished layers stay for --resume

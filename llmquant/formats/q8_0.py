@@ -69,8 +69,10 @@ class Q8_0(BlockFormat, qtype=GGMLQuantizationType.Q8_0):
     @classmethod
     def pack(cls, q: QuantBlocks) -> np.ndarray:
         cls.check(q)
-        qs = q.codes.astype(np.int8).view(np.uint8)
-        return np.concatenate([f16_bytes(q.scales), qs], axis=1)
+        out = np.empty((q.codes.shape[0], cls.type_size), dtype=np.uint8)
+        out[:, :2] = f16_bytes(q.scales)
+        np.copyto(out[:, 2:].view(np.int8), q.codes, casting="unsafe")  # in range (check): exact, no concatenation
+        return out
 
     @classmethod
     def unpack(cls, data: np.ndarray) -> QuantBlocks:
