@@ -215,8 +215,8 @@ class Pipeline:
                         self._write_entry(e)
                     else:
                         self._rtn_tensor(e.source)
-            if calibrated:  # rtn's temporaries have the same sizes at every layer: glibc reuses them, and a
-                release_freed_memory()  # trim would hand back the pages the next layer faults in again
+            if calibrated:  # not after rtn layers: see release_freed_memory
+                release_freed_memory()
             if work is not None:
                 with self.clock("write"):
                     self.output.flush()

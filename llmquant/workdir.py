@@ -188,10 +188,9 @@ class WorkDir:
         """Record a layer boundary, in the background: ``sync`` makes the partial file durable up to
         point.offset, then the streams are synced and the state names them.
 
-        The caller goes on writing the next layer meanwhile: the fsyncs take as long as
-        a small layer's quantization. What the point holds is copied or written out here
-        first (the streams to temporary files, the reports converted), so the caller may
-        change it. One boundary in flight at a time: this waits for the one before, and
+        The caller goes on writing the next layer meanwhile. What the point holds is
+        copied or written out here first (the streams to temporary files, the reports
+        converted), so the caller may change it. One boundary in flight at a time: this waits for the one before, and
         raises what failed in it.
         """
         self.settle()

@@ -216,7 +216,7 @@ def test_changed_option_is_named_with_old_and_new_value():
         "method_options.clip_ratios was [1.0, 0.975], now [1.0]", "type was 'q4_0', now 'q5_0'"]
 
 
-def _boundary(work, layers_done: int, reports: list, hidden=None):
+def _boundary(layers_done: int, reports: list, hidden=None):
     from llmquant.workdir import ResumePoint
 
     return ResumePoint(layers_done, offset=100 * layers_done, n_written=layers_done, hidden=hidden, reports=reports)
@@ -235,7 +235,7 @@ def test_boundary_is_recorded_as_it_was_handed_over(tmp_path):
     work.partial.write_bytes(bytes(400))
     reports, hidden = [LinearReport("a"), LinearReport("b")], torch.arange(6.0).reshape(2, 3)
     synced = []
-    work.save(_boundary(work, 2, reports, hidden), sync=lambda: synced.append(2))
+    work.save(_boundary(2, reports, hidden), sync=lambda: synced.append(2))
     reports.append(LinearReport("c"))  # the next layer's, before the record is done
     hidden.zero_()
     assert work.resumable  # waits for the boundary in flight
@@ -254,16 +254,16 @@ def test_boundary_whose_sync_failed_is_never_recorded(tmp_path):
     work = WorkDir(tmp_path / "m.gguf")
     work.open({"model": "x"}, resume=False)
     work.partial.write_bytes(bytes(400))
-    work.save(_boundary(work, 1, []), sync=lambda: None)
+    work.save(_boundary(1, []), sync=lambda: None)
 
     def full_disk() -> None:
         raise OSError(28, "No space left on device")
 
-    work.save(_boundary(work, 2, []), sync=full_disk)
+    work.save(_boundary(2, []), sync=full_disk)
     with pytest.raises(OSError, match="No space left"):
-        work.save(_boundary(work, 3, []), sync=lambda: None)
+        work.save(_boundary(3, []), sync=lambda: None)
     assert work._load().layers_done == 1
-    work.save(_boundary(work, 3, []), sync=full_disk)
+    work.save(_boundary(3, []), sync=full_disk)
     work.settle(quiet=True)  # a run failing for another reason keeps the boundary before
     assert work._load().layers_done == 1
     work.remove()
