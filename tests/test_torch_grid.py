@@ -186,6 +186,118 @@ def test_sequential_sums_add_left_to_right():
     assert str(tg.col_sum(z).item()) == "0.0" and str(tg.col_sum(z, first=True).item()) == "-0.0"
 
 
+def _c_loop_sum(a: torch.Tensor, first: bool = False) -> np.ndarray:
+    """C's ``acc = 0; acc += a[i]`` (``first``: ``acc = a[0]``) down axis -2, one float32 add at a time."""
+    rows = a.numpy().astype(np.float32)
+    rows = np.moveaxis(rows, -2, 0)
+    acc = rows[0].copy() if first else np.float32(0) + rows[0]
+    for row in rows[1:]:
+        acc = (acc + row).astype(np.float32)
+    return acc
+
+
+def _adversarial(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Values spread over 2^±20 with zeros of both signs: sums that round differently in any other order."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(shape, generator=g) * torch.exp2(torch.randint(-20, 20, shape, generator=g).float())
+    r = torch.rand(shape, generator=g)
+    a[r < 0.1] = -0.0
+    a[(r >= 0.1) & (r < 0.15)] = 0.0
+    return a
+
+
+@pytest.mark.parametrize("n", [2, 15, 16, 17, 18, 32, 33, 256])
+@pytest.mark.parametrize("cols", [64, 130, 1000])
+@pytest.mark.parametrize("lead", [(), (3,)], ids=["2d", "batched"])
+def test_col_sum_fast_path_adds_in_cs_order(n, cols, lead):
+    """col_sum through torch's sum kernel (one thread) is C's loop bit for bit, for short and long columns,
+    column counts with a tail outside the kernel's in-order steps, batched rows, and clobber or not; a
+    plain ``torch.sum`` is not (the reason for the runs), and without clobber the input is untouched."""
+    a = _adversarial((*lead, n, cols), seed=n * 1000 + cols)
+    ref = _c_loop_sum(a)
+    with tg.serial(a):
+        assert tg.kernel_sums_in_order(a)
+        kept = a.clone()
+        assert _bits_equal(tg.col_sum(a), ref)
+        assert torch.equal(a.view(torch.int32), kept.view(torch.int32))
+        assert _bits_equal(tg.col_sum(a.clone(), clobber=True), ref)
+        if n >= 18:
+            assert not _bits_equal(a.sum(dim=-2), ref)
+
+
+def test_col_sum_from_first_keeps_a_column_of_negative_zeros_negative():
+    """``first``: C's ``acc = a[0]`` differs from ``0 + a[0]`` only for an all -0.0 column; the fast path agrees."""
+    a = _adversarial((32, 200), seed=7)
+    a[:, 0] = -0.0
+    a[:, 1] = -0.0
+    a[5, 1] = 0.0
+    a[:, 2] = 0.0
+    with tg.serial(a):
+        got = tg.col_sum(a, first=True)
+    assert _bits_equal(got, _c_loop_sum(a, first=True))
+    assert str(got[0].item()) == "-0.0" and str(got[1].item()) == "0.0"
+
+
+def test_kernel_sums_in_order_only_where_checked():
+    """The fast path is taken on one CPU thread for float32 alone: elsewhere rows are added one op each."""
+    a = torch.zeros(4, 128)
+    with tg.serial(a):
+        assert tg.kernel_sums_in_order(a)
+        assert not tg.kernel_sums_in_order(a.double())
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert not tg.kernel_sums_in_order(a)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _c_scan(xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    lo, hi = xt[0].clone(), xt[0].clone()
+    for row in xt[1:]:
+        lo = torch.where(row < lo, row, lo)
+        hi = torch.where(row > hi, row, hi)
+    return lo, hi
+
+
+def test_scan_extremes_keeps_cs_first_zero_and_skips_nans():
+    """Column extremes as C's strict scan: the first of +0.0 / -0.0 wins, NaNs after the first element are
+    skipped (a first one stays)."""
+    xt = torch.tensor([[-0.0, 0.0, 1.0, float("nan"), -1.0, 0.0, float("inf")],
+                       [0.0, -0.0, float("nan"), 2.0, -0.0, -0.0, 3.0],
+                       [-1.0, 0.0, 0.5, -3.0, -2.0, 0.0, float("-inf")]])
+    lo, hi = tg.scan_extremes(xt)
+    ref_lo, ref_hi = _c_scan(xt)
+    assert _bits_equal(lo, ref_lo.numpy()) and _bits_equal(hi, ref_hi.numpy())
+    assert str(hi[0].item()) == "-0.0" and str(hi[1].item()) == "0.0"
+    assert (lo[2].item(), hi[2].item()) == (0.5, 1.0) and hi[3].isnan()  # a first NaN stays
+    big = _adversarial((32, 500), seed=3)
+    big[:, :50] = big[:, :50].abs()
+    big[:, 50:100] = -big[:, 50:100].abs()
+    for got, ref in zip(tg.scan_extremes(big), _c_scan(big), strict=True):
+        assert _bits_equal(got, ref.numpy())
+
+
+def test_map_rows_more_slices_than_threads_and_errors():
+    """Every slice runs once, in order, whatever the thread count; a slice's error reaches the caller."""
+    x = torch.arange(40.0).reshape(40, 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = tg.map_rows(lambda a: a.sum(), (x,), 3)
+        assert [o.item() for o in out] == [x[i : i + 3].sum().item() for i in range(0, 40, 3)]
+
+        def fail(a):
+            if a[0, 0] == 21:
+                raise ValueError("slice 7")
+            return a
+
+        with pytest.raises(ValueError, match="slice 7"):
+            tg.map_rows(fail, (x,), 3)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("imatrix", [False, True], ids=["plain", "imatrix"])
 @pytest.mark.parametrize("name", ["q3_k", "q6_k"])
 def test_symmetric_searches_match_llama_cpp_on_hard_groups(name: str, imatrix: bool):

@@ -24,7 +24,7 @@ from . import torch_grid as tg
 
 
 def qkx_levels(xt: torch.Tensor, iscale: torch.Tensor, mn: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor,
-               ignore: torch.Tensor, nmax: int) -> torch.Tensor:
+               ignore: torch.Tensor, nmax: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """``MAX(0, MIN(nmax, nearest_int(iscale·(x − min))))`` as float32, the value C multiplies with.
 
     xt: float32 [n, N] (element, sub-block); iscale, mn, hi, lo (each sub-block's
@@ -34,9 +34,10 @@ def qkx_levels(xt: torch.Tensor, iscale: torch.Tensor, mn: torch.Tensor, hi: tor
     of |hi − min|, |lo − min|). Where that bound is below 2^22 for every
     sub-block that counts, ``nearest_int`` is round-half-even, done in place on
     the floats; past it (a fitted min closing in on the data's largest value, an
-    inf iscale) C's integer trick is followed step by step.
+    inf iscale) C's integer trick is followed step by step. out: a float32
+    buffer like xt to hold the result (no allocation per candidate).
     """
-    v = iscale * (xt - mn)
+    v = torch.sub(xt, mn, out=out).mul_(iscale)
     bound = iscale.abs() * torch.maximum((hi - mn).abs(), (lo - mn).abs())
     if bool(((bound < tg.const(2.0**22, xt)) | ignore).all()):
         return v.round_().clamp_(0, nmax)
@@ -58,23 +59,21 @@ def make_qkx_quants(
     """
     xt = x.to(torch.float32).t().contiguous()  # [n, N]
     wt = weights.to(torch.float32).t().contiguous()
-    n = xt.shape[0]
     fmax, zero = tg.const(float(nmax), xt), tg.const(0.0, xt)
-    lo, hi = xt[0].clone(), xt[0].clone()
-    for i in range(1, n):
-        lo = torch.where(xt[i] < lo, xt[i], lo)
-        hi = torch.where(xt[i] > hi, xt[i], hi)
+    lo, hi = tg.scan_extremes(xt)
     lo = torch.where(lo > 0, zero, lo)
     flat = hi == lo
     sum_w = tg.col_sum(wt, first=True)
     sum_x = tg.col_sum(wt * xt, first=True)
 
+    lv_buf, diff_buf = torch.empty_like(xt), torch.empty_like(xt)
+
     def levels_at(iscale: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
-        return qkx_levels(xt, iscale, mn, hi, lo, flat, nmax)
+        return qkx_levels(xt, iscale, mn, hi, lo, flat, nmax, out=lv_buf)
 
     def error(scale: torch.Tensor, mn: torch.Tensor, lv: torch.Tensor) -> torch.Tensor:
-        diff = torch.mul(scale, lv).add_(mn).sub_(xt)  # C's scale*L + min - x, in place
-        return tg.col_sum((diff.abs_() if use_mad else diff.mul_(diff)).mul_(wt))
+        diff = torch.mul(lv, scale, out=diff_buf).add_(mn).sub_(xt)  # C's scale*L + min - x, in place
+        return tg.col_sum((diff.abs_() if use_mad else diff.mul_(diff)).mul_(wt), clobber=True)
 
     iscale = fmax / (hi - lo)
     scale = tg.const(1.0, xt) / iscale
@@ -94,7 +93,7 @@ def make_qkx_quants(
         wl = torch.mul(wt, lv, out=prods[0])
         torch.mul(wl, lv, out=prods[1])
         torch.mul(wl, xt, out=prods[2])
-        sums = tg.col_sum(prods)
+        sums = tg.col_sum(prods, clobber=True)
         sum_l, sum_l2, sum_xl = sums[0], sums[1], sums[2]
         det = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / det

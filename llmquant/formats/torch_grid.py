@@ -24,6 +24,8 @@ shared pieces, and ``fake_quant`` that a tuning method calls every step.
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
@@ -61,7 +63,8 @@ def map_rows(fn: Callable[..., R], tensors: Sequence[torch.Tensor | None], rows:
     """``fn`` over consecutive slices of ``rows`` rows (axis 0) of every tensor (None stays None), in order.
 
     On a CPU the slices run on as many Python threads as torch has intra-op
-    threads, each slice under ``serial``: a search is a long chain of ops too
+    threads (the calling thread and helpers kept for the process, each taking
+    the next slice), each slice under ``serial``: a search is a long chain of ops too
     small to split well inside, while independent slices side by side keep
     every core busy. Each slice's result is what it would be alone, so the
     results, and the bytes, do not depend on the thread count. Elsewhere the
@@ -79,8 +82,41 @@ def map_rows(fn: Callable[..., R], tensors: Sequence[torch.Tensor | None], rows:
     workers = min(torch.get_num_threads(), len(starts)) if first.device.type == "cpu" else 1
     if workers <= 1:
         return [one(i) for i in starts]
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llmquant-rows") as pool:
-        return list(pool.map(one, starts))
+    results: list = [None] * len(starts)
+    todo = iter(range(len(starts)))
+    lock = threading.Lock()
+
+    def drain() -> None:  # the calling thread and the helpers take the next slice until none is left
+        while True:
+            with lock:
+                k = next(todo, None)
+            if k is None:
+                return
+            results[k] = one(starts[k])
+
+    pool = _helpers(workers - 1)
+    helpers = [pool.submit(drain) for _ in range(workers - 1)]
+    try:
+        drain()
+    finally:
+        for f in helpers:
+            f.result()  # waits for the helpers' slices, and raises what a helper raised
+    return results
+
+
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None
+
+
+def _helpers(n: int) -> ThreadPoolExecutor:
+    """The ``map_rows`` helper threads, kept for the process: a search runs once per tensor, and
+    starting threads each time costs more than a small search. A new pool where the count changed
+    or in a forked child (which inherits the pool but not its threads)."""
+    global _pool
+    if _pool is None or _pool[:2] != (n, os.getpid()):
+        if _pool is not None and _pool[1] == os.getpid():
+            _pool[2].shutdown(wait=False)
+        _pool = (n, os.getpid(), ThreadPoolExecutor(max_workers=n, thread_name_prefix="llmquant-rows"))
+    return _pool[2]
 
 
 def slice_rows(n: int, most: int, least: int, like: torch.Tensor) -> int:
@@ -150,18 +186,80 @@ def row_sum(a: torch.Tensor) -> torch.Tensor:
     return col_sum(rows).reshape(a.shape[:-1])
 
 
-def col_sum(a: torch.Tensor, first: bool = False) -> torch.Tensor:
-    """``row_sum``'s twin over axis -2 of ``[..., n, N]`` -> ``[..., N]``, each step one contiguous row.
+def col_sum(a: torch.Tensor, first: bool = False, clobber: bool = False) -> torch.Tensor:
+    """``row_sum``'s twin over axis -2 of ``[..., n, N]`` -> ``[..., N]``: each column added top to bottom.
 
     C accumulates ``acc = 0; acc += a[i]``; with ``first`` it starts from
     ``a[0]`` instead (``make_qkx2_quants``' ``sum_w = weights[0]``), which
-    differs only in the sign of an all-zero sum.
+    differs only in the sign of an all-zero sum. clobber: a's rows may be
+    overwritten (a scratch buffer of the caller's), which saves a copy.
+
+    On a CPU thread working alone torch's own ``sum`` over axis -2 adds in this
+    order too, for up to ``SUM_RUN + 1`` rows and in whole steps of
+    ``SUM_LANES`` columns (see ``kernel_sums_in_order``), in one pass instead
+    of one op per row. Longer columns are summed in runs: each run's sum
+    replaces the run's last row and starts the next run, so every run is
+    carry + ``SUM_RUN`` rows. Everywhere else, rows are added one op each.
     """
+    n, cols = a.shape[-2], a.shape[-1]
+    body = cols - cols % SUM_LANES
+    if n < 2 or body == 0 or not kernel_sums_in_order(a):
+        return _add_rows(a, first)
+    if first:  # the sum from a[0] is the sum from 0 but for columns of -0.0s alone (-0.0, not +0.0)
+        out = col_sum(a)
+        if bool((out == 0).any()):
+            negative_zeros = (a.view(torch.int32) == torch.iinfo(torch.int32).min).all(dim=-2)
+            out = torch.where(negative_zeros, const(-0.0, a), out)
+        return out
+    main = a[..., :body]
+    if n > SUM_RUN + 1:
+        if not clobber:
+            main = main.clone()
+        start = 0
+        while n - start > SUM_RUN + 1:
+            carry = main[..., start : start + SUM_RUN, :].sum(dim=-2)
+            start += SUM_RUN - 1
+            main[..., start, :] = carry  # that row is inside the carry already
+        main = main[..., start:, :]
+    out = main.sum(dim=-2)
+    return out if body == cols else torch.cat([out, _add_rows(a[..., body:], False)], dim=-1)
+
+
+def _add_rows(a: torch.Tensor, first: bool) -> torch.Tensor:
+    """``col_sum`` one op per row: any device, any thread count."""
     rows = a.unbind(-2)
     acc = rows[0].clone() if first else torch.zeros_like(rows[0]).add_(rows[0])
     for row in rows[1:]:
         acc.add_(row)  # in place: one rounding all the same, no allocation per step
     return acc
+
+
+# torch's CPU float sum (ATen's cascade_sum) over a non-inner axis keeps one accumulator per
+# column and adds the axis' elements in order, but only in runs of 16 (its cascade's level) and
+# only for columns it takes in 4 vectors at a time (at most 16 floats each: the rest go through
+# a row sum with 4 interleaved accumulators); a 17th element is added to a run's sum last.
+SUM_RUN = 16
+SUM_LANES = 64
+_in_order: bool | None = None
+
+
+def kernel_sums_in_order(like: torch.Tensor) -> bool:
+    """Whether ``torch.sum`` over axis -2 adds in C's order here (``col_sum``): float32 on a CPU, one
+    intra-op thread (several split the columns elsewhere than at ``SUM_LANES``), and this torch
+    build's kernel checked once, bit for bit, against ``_add_rows`` on data whose sums round
+    differently in any other order (a torch whose kernel differs falls back to one op per row).
+    """
+    global _in_order
+    if like.device.type != "cpu" or like.dtype != torch.float32 or torch.get_num_threads() != 1:
+        return False
+    if _in_order is None:
+        g = torch.Generator().manual_seed(0)
+        probe = torch.randn(SUM_RUN + 1, 3 * SUM_LANES, generator=g) * torch.exp2(
+            torch.randint(-30, 30, (SUM_RUN + 1, 3 * SUM_LANES), generator=g).float())
+        ok = [torch.equal(probe[:k].sum(dim=0).view(torch.int32), _add_rows(probe[:k], False).view(torch.int32))
+              for k in (2, SUM_RUN, SUM_RUN + 1)]
+        _in_order = all(ok)
+    return _in_order
 
 
 def running_max(v: torch.Tensor) -> torch.Tensor:
@@ -182,6 +280,27 @@ def row_extremes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     CPU kernels of ``amin`` and ``amax`` each take half the time of the one pass.
     """
     return x.amin(dim=1), x.amax(dim=1)
+
+
+def scan_extremes(xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """C's ``min = max = x[0]; if (x[i] < min) min = x[i]; if (x[i] > max) max = x[i];`` down each
+    column of [n, N] -> (min, max) [N].
+
+    That scan keeps the first of equal values, which only matters for a zero
+    (+0.0 or -0.0) and skips NaNs after the first element; columns whose
+    ``amin``/``amax`` is zero or NaN are scanned as C does, the rest take
+    the reductions (one pass each instead of one op per element).
+    """
+    lo, hi = xt.amin(dim=0), xt.amax(dim=0)
+    redo = torch.nonzero((lo == 0) | (hi == 0) | lo.isnan() | hi.isnan())[:, 0]
+    if redo.numel():
+        rows = xt.index_select(1, redo).unbind(0)
+        lo_r, hi_r = rows[0].clone(), rows[0].clone()
+        for row in rows[1:]:
+            lo_r = torch.where(row < lo_r, row, lo_r)
+            hi_r = torch.where(row > hi_r, row, hi_r)
+        lo[redo], hi[redo] = lo_r, hi_r
+    return lo, hi
 
 
 def abs_max(x: torch.Tensor) -> torch.Tensor:
@@ -361,9 +480,13 @@ def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -
         # within nmax + 1, where that is nearest_int's value, without its integer passes.
         return torch.mul(xt, -num / vmax).round_().clamp_(-nmax, nmax - 1)
 
+    prods = torch.empty((2, *xt.shape), dtype=torch.float32, device=xt.device)  # w·x·l, w·l·l
+
     def trial(num: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lf = codes_at(num)
-        return col_sum(wx * lf), col_sum((w * lf).mul_(lf))
+        torch.mul(wx, lf, out=prods[0])
+        torch.mul(w, lf, out=prods[1]).mul_(lf)
+        return col_sum(prods, clobber=True).unbind(0)  # both sums in one
 
     fmax = const(float(nmax), x)
     sumlx, suml2 = trial(fmax)
