@@ -16,7 +16,6 @@ from .base import BlockFormat, QuantBlocks, f16_bytes, f16_from_bytes
 from .q4 import (
     legacy_rows,
     min_rule,
-    pack_nibbles,
     symmetric_rule,
     unpack_nibbles,
 )
@@ -43,11 +42,19 @@ from .torch_grid import Projection
 #   q5_1: q = code,      code in [0, 31];    w = d * code + m
 
 
-def pack_q5(stored: np.ndarray) -> np.ndarray:
-    """uint [n, 32] values < 32 -> uint8 [n, 20]: qh (4 bytes) then qs (16)."""
-    s = stored.astype(np.uint8)
-    qh = np.packbits(s >> np.uint8(4), axis=1, bitorder="little")
-    return np.concatenate([qh, pack_nibbles(s & np.uint8(0x0F))], axis=1)
+def pack_q5(codes: np.ndarray, offset: int = 0, out: np.ndarray | None = None) -> np.ndarray:
+    """int [n, 32] codes, codes + offset in [0, 32) -> uint8 [n, 20] of code + offset: qh (4 bytes) then qs (16).
+
+    In torch, like ``pack_nibbles``; out: uint8 [n, 20] (a column slice of the packed blocks) to write into.
+    """
+    s = torch.from_numpy(np.ascontiguousarray(codes))
+    s = (s + offset if offset else s).to(torch.uint8)
+    if out is None:
+        out = np.empty((s.shape[0], 20), dtype=np.uint8)
+    out[:, :4] = np.packbits((s >> 4).numpy(), axis=1, bitorder="little")
+    # the high nibble's shift drops bit 4 on its own (uint8); the low one is masked
+    torch.bitwise_or(s[:, :16] & 15, s[:, 16:].bitwise_left_shift(4), out=torch.from_numpy(out)[:, 4:])
+    return out
 
 
 def unpack_q5(field: np.ndarray) -> np.ndarray:
@@ -72,7 +79,10 @@ class Q5_0(BlockFormat, qtype=GGMLQuantizationType.Q5_0):
     @classmethod
     def pack(cls, q: QuantBlocks) -> np.ndarray:
         cls.check(q)
-        return np.concatenate([f16_bytes(q.scales), pack_q5(q.codes + 16)], axis=1)
+        out = np.empty((q.codes.shape[0], cls.type_size), dtype=np.uint8)
+        out[:, :2] = f16_bytes(q.scales)
+        pack_q5(q.codes, 16, out=out[:, 2:])
+        return out
 
     @classmethod
     def unpack(cls, data: np.ndarray) -> QuantBlocks:
@@ -96,7 +106,10 @@ class Q5_1(BlockFormat, qtype=GGMLQuantizationType.Q5_1):
     @classmethod
     def pack(cls, q: QuantBlocks) -> np.ndarray:
         cls.check(q)
-        return np.concatenate([f16_bytes(q.scales), f16_bytes(q.mins), pack_q5(q.codes)], axis=1)
+        out = np.empty((q.codes.shape[0], cls.type_size), dtype=np.uint8)
+        out[:, :2], out[:, 2:4] = f16_bytes(q.scales), f16_bytes(q.mins)
+        pack_q5(q.codes, out=out[:, 4:])
+        return out
 
     @classmethod
     def unpack(cls, data: np.ndarray) -> QuantBlocks:
