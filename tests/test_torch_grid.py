@@ -10,6 +10,8 @@ holds, and its gradients the documented estimators.
 
 from __future__ import annotations
 
+import time
+
 import gguf.quants as gq
 import numpy as np
 import pytest
@@ -294,6 +296,19 @@ def test_map_rows_more_slices_than_threads_and_errors():
 
         with pytest.raises(ValueError, match="slice 7"):
             tg.map_rows(fail, (x,), 3)
+
+        ran = []
+
+        def first_fails(a):  # the others are slow: after the failure no one starts another
+            ran.append(int(a[0, 0]))
+            if a[0, 0] == 0:
+                raise ValueError("slice 0")
+            time.sleep(0.2)
+            return a
+
+        with pytest.raises(ValueError, match="slice 0"):
+            tg.map_rows(first_fails, (x,), 3)
+        assert len(ran) <= 3 < 14, ran
     finally:
         torch.set_num_threads(before)
 

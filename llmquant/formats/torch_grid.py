@@ -92,7 +92,13 @@ def map_rows(fn: Callable[..., R], tensors: Sequence[torch.Tensor | None], rows:
                 k = next(todo, None)
             if k is None:
                 return
-            results[k] = one(starts[k])
+            try:
+                results[k] = one(starts[k])
+            except BaseException:
+                with lock:
+                    for _ in todo:  # no one takes another slice
+                        pass
+                raise
 
     pool = _helpers(workers - 1)
     helpers = [pool.submit(drain) for _ in range(workers - 1)]
