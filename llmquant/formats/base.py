@@ -268,6 +268,15 @@ def f16_bytes(values: np.ndarray) -> np.ndarray:
     return np.asarray(values, dtype=np.float32).astype("<f2").view(np.uint8).reshape(-1, 2)
 
 
+def block_array(n: int, type_size: int, *fp16_fields: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 [n, type_size] packed blocks whose first columns hold the fp16 fields given (each [n]:
+    a scale, then a min), and the column slice after them, where the caller packs the codes."""
+    out = np.empty((n, type_size), dtype=np.uint8)
+    for i, values in enumerate(fp16_fields):
+        out[:, 2 * i : 2 * i + 2] = f16_bytes(values)
+    return out, out[:, 2 * len(fp16_fields) :]
+
+
 def f16_from_bytes(field: np.ndarray) -> np.ndarray:
     """uint8 [n, 2] -> float32 [n]: inverse of :func:`f16_bytes`."""
     return np.ascontiguousarray(field, dtype=np.uint8).view("<f2").reshape(-1).astype(np.float32)

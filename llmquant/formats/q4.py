@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType
 
 from . import legacy_weighted
 from . import torch_grid as tg
-from .base import BlockFormat, QuantBlocks, f16_bytes, f16_from_bytes
+from .base import BlockFormat, QuantBlocks, block_array, f16_from_bytes
 from .torch_grid import Projection
 
 # block_q4_0, 18 bytes:                  block_q4_1, 20 bytes:
@@ -47,8 +47,17 @@ def pack_nibbles(stored: np.ndarray, offset: int = 0, out: np.ndarray | None = N
     is one of the few passes over all of them that rtn makes. out: uint8 [n, 16]
     (a column slice of the packed blocks) to write into instead of a new array.
     """
-    s = torch.from_numpy(np.ascontiguousarray(stored))
-    s = (s + offset if offset else s).to(torch.uint8)
+    return nibble_pairs(stored_bytes(stored, offset), out)
+
+
+def stored_bytes(codes: np.ndarray, offset: int = 0) -> torch.Tensor:
+    """int codes [n, 32] -> code + offset as a uint8 tensor (sharing nothing with codes)."""
+    s = torch.from_numpy(np.ascontiguousarray(codes))
+    return (s + offset if offset else s).to(torch.uint8)
+
+
+def nibble_pairs(s: torch.Tensor, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 tensor [n, 32] of values < 16 -> uint8 [n, 16] (into out where given): element j low, j + 16 high."""
     if out is None:
         out = np.empty((s.shape[0], 16), dtype=np.uint8)
     torch.bitwise_or(s[:, :16], s[:, 16:].bitwise_left_shift(4), out=torch.from_numpy(out))
@@ -121,9 +130,8 @@ class Q4_0(BlockFormat, qtype=GGMLQuantizationType.Q4_0):
     @classmethod
     def pack(cls, q: QuantBlocks) -> np.ndarray:
         cls.check(q)
-        out = np.empty((q.codes.shape[0], cls.type_size), dtype=np.uint8)
-        out[:, :2] = f16_bytes(q.scales)
-        pack_nibbles(q.codes, 8, out=out[:, 2:])  # in place of a concatenation: one copy fewer
+        out, body = block_array(q.codes.shape[0], cls.type_size, q.scales)
+        pack_nibbles(q.codes, 8, out=body)  # in place of a concatenation: one copy fewer
         return out
 
     @classmethod
@@ -149,7 +157,9 @@ class Q4_1(BlockFormat, qtype=GGMLQuantizationType.Q4_1):
     @classmethod
     def pack(cls, q: QuantBlocks) -> np.ndarray:
         cls.check(q)
-        return np.concatenate([f16_bytes(q.scales), f16_bytes(q.mins), pack_nibbles(q.codes)], axis=1)
+        out, body = block_array(q.codes.shape[0], cls.type_size, q.scales, q.mins)
+        pack_nibbles(q.codes, out=body)
+        return out
 
     @classmethod
     def unpack(cls, data: np.ndarray) -> QuantBlocks:

@@ -12,10 +12,12 @@ import torch
 from gguf import GGMLQuantizationType
 
 from . import legacy_weighted
-from .base import BlockFormat, QuantBlocks, f16_bytes, f16_from_bytes
+from .base import BlockFormat, QuantBlocks, block_array, f16_from_bytes
 from .q4 import (
     legacy_rows,
     min_rule,
+    nibble_pairs,
+    stored_bytes,
     symmetric_rule,
     unpack_nibbles,
 )
@@ -47,13 +49,11 @@ def pack_q5(codes: np.ndarray, offset: int = 0, out: np.ndarray | None = None) -
 
     In torch, like ``pack_nibbles``; out: uint8 [n, 20] (a column slice of the packed blocks) to write into.
     """
-    s = torch.from_numpy(np.ascontiguousarray(codes))
-    s = (s + offset if offset else s).to(torch.uint8)
+    s = stored_bytes(codes, offset)
     if out is None:
         out = np.empty((s.shape[0], 20), dtype=np.uint8)
     out[:, :4] = np.packbits((s >> 4).numpy(), axis=1, bitorder="little")
-    # the high nibble's shift drops bit 4 on its own (uint8); the low one is masked
-    torch.bitwise_or(s[:, :16] & 15, s[:, 16:].bitwise_left_shift(4), out=torch.from_numpy(out)[:, 4:])
+    nibble_pairs(s & 15, out[:, 4:])
     return out
 
 
@@ -79,9 +79,8 @@ class Q5_0(BlockFormat, qtype=GGMLQuantizationType.Q5_0):
     @classmethod
     def pack(cls, q: QuantBlocks) -> np.ndarray:
         cls.check(q)
-        out = np.empty((q.codes.shape[0], cls.type_size), dtype=np.uint8)
-        out[:, :2] = f16_bytes(q.scales)
-        pack_q5(q.codes, 16, out=out[:, 2:])
+        out, body = block_array(q.codes.shape[0], cls.type_size, q.scales)
+        pack_q5(q.codes, 16, out=body)
         return out
 
     @classmethod
@@ -106,9 +105,8 @@ class Q5_1(BlockFormat, qtype=GGMLQuantizationType.Q5_1):
     @classmethod
     def pack(cls, q: QuantBlocks) -> np.ndarray:
         cls.check(q)
-        out = np.empty((q.codes.shape[0], cls.type_size), dtype=np.uint8)
-        out[:, :2], out[:, 2:4] = f16_bytes(q.scales), f16_bytes(q.mins)
-        pack_q5(q.codes, out=out[:, 4:])
+        out, body = block_array(q.codes.shape[0], cls.type_size, q.scales, q.mins)
+        pack_q5(q.codes, out=body)
         return out
 
     @classmethod

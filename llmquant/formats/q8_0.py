@@ -20,7 +20,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from . import torch_grid as tg
-from .base import BlockFormat, QuantBlocks, f16_bytes, f16_from_bytes
+from .base import BlockFormat, QuantBlocks, block_array, f16_from_bytes
 from .q4 import legacy_rows, reciprocal, stored
 from .torch_grid import Projection
 
@@ -69,9 +69,8 @@ class Q8_0(BlockFormat, qtype=GGMLQuantizationType.Q8_0):
     @classmethod
     def pack(cls, q: QuantBlocks) -> np.ndarray:
         cls.check(q)
-        out = np.empty((q.codes.shape[0], cls.type_size), dtype=np.uint8)
-        out[:, :2] = f16_bytes(q.scales)
-        np.copyto(out[:, 2:].view(np.int8), q.codes, casting="unsafe")  # in range (check): exact, no concatenation
+        out, body = block_array(q.codes.shape[0], cls.type_size, q.scales)
+        np.copyto(body.view(np.int8), q.codes, casting="unsafe")  # in range (check): exact, no concatenation
         return out
 
     @classmethod
