@@ -53,6 +53,8 @@ def _add_quantize(sub) -> None:
     g.add_argument("--no-scale-search", action="store_true",
                    help="gptq, awq+gptq: keep llama.cpp's scale rule per block")
     g.add_argument("--awq-grid", type=int, default=None, help="awq, awq+gptq: alpha grid points in [0, 1) (default 20)")
+    g.add_argument("--awq-alpha-by", default=None, help="awq+gptq: how α is settled: gptq (the least output error "
+                   "GPTQ reaches among α = 0, half the RTN search's α, and that α; default) or rtn (the RTN search's α)")
     g.add_argument("--gptq-target", default=None, help="gptq, awq+gptq: what each linear's output is fitted to: layer "
                    "(its own output on its quantized inputs) or model (the full-precision model's output there; default)")
     g.add_argument("--tune-steps", type=int, default=None, help="tune methods: steps per layer (default 200)")
@@ -81,7 +83,8 @@ def _add_calibration_flags(g) -> None:
 _METHOD_FLAGS = {"damp": ("damp", None), "act_order": ("act_order", None),
                  "scale_search": ("no_scale_search", lambda v: not v), "n_grid": ("awq_grid", None),
                  "steps": ("tune_steps", None), "lr": ("tune_lr", None), "tune_batch": ("tune_batch", None),
-                 "target": ("tune_target", None), "loss": ("tune_loss", None), "gptq_target": ("gptq_target", None)}
+                 "target": ("tune_target", None), "loss": ("tune_loss", None), "gptq_target": ("gptq_target", None),
+                 "alpha_by": ("awq_alpha_by", None)}
 _CALIB_FLAGS = {"samples": "calib_samples", "seqlen": "calib_seqlen", "seed": "seed",
                 "text_file": "calib_text", "dataset": "calib_dataset",
                 "source": "calib_source"}

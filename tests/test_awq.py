@@ -171,6 +171,47 @@ def test_awq_beats_rtn_on_a_group_with_outlier_channels(qtype):
             assert (y - X @ W.T).abs().max() <= 1e-4 * y.abs().max()
 
 
+def _group_error(out, W_orig, X):
+    return sum(((out[rel][0] - W) @ X.T).square().sum().item() for rel, W in W_orig.items())
+
+
+def test_awq_gptq_settles_alpha_by_the_error_gptq_reaches():
+    """Among α = 0, half the RTN search's α and that α, the group is scaled by the one whose GPTQ
+    codes have the least output error; the settle's estimate is what the final walk reaches."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1024, 128, generator=g)
+    x[:, [3, 40, 77, 100]] *= 25.0
+    fmt = get_format("q4_0")
+    results = {}
+    for alpha_by in ("rtn", "gptq"):
+        toy = Toy()
+        W_orig = {rel: getattr(toy, rel).weight.data.clone() for rel in "ab"}
+        with torch.no_grad():
+            X = toy.norm(x)
+        method = AWQGPTQMethod(gptq_target="layer", alpha_by=alpha_by)
+        out = _run_group(method, toy, x, fmt)
+        results[alpha_by] = (method._groups["0:a"].extra, _group_error(out, W_orig, X))
+    (extra_rtn, err_rtn), (extra, err) = results["rtn"], results["gptq"]
+    a = extra_rtn["alpha"]
+    assert a > 0 and extra["alpha_rtn"] == a
+    ratios = extra["gptq_err_vs_unscaled"]
+    assert set(ratios) == {"0", f"{a / 2:g}", f"{a:g}"} and ratios["0"] == 1.0
+    chosen = min(ratios, key=ratios.get)
+    assert f"{extra['alpha']:g}" == chosen
+    # the estimate (every row: 96 ≤ ALPHA_ROWS) is the final codes' own error, relative to α = 0's
+    toy = Toy()
+    with torch.no_grad():
+        X = toy.norm(x)
+    G = X.T @ X / X.shape[0]
+    from llmquant.methods.gptq import gptq_quantize_rows
+
+    Ws = [toy.a.weight.data, toy.b.weight.data]
+    err0 = sum(((r.W_hat - W) @ X.T).square().sum().item()
+               for W, r in zip(Ws, gptq_quantize_rows(Ws, G, fmt, h_scale=2.0), strict=True))
+    assert err / err0 == pytest.approx(ratios[chosen], rel=1e-4)
+    assert err <= err_rtn * (1 + 1e-6)  # the RTN search's α is one of the candidates
+
+
 # --------------------------------------------------------------------------- whole pipeline, tiny model
 
 

@@ -818,6 +818,8 @@ def test_numeric_option_out_of_range(opt, value, method, tiny, tmp_path, capsys)
     ("awq", "normed", "error: --tune-loss does not apply to --method awq"),
     ("gptq", "everything", "error: --gptq-target must be one of layer, model, got 'everything'"),
     ("awq", "model", "error: --gptq-target does not apply to --method awq"),
+    ("awq+gptq", "hessian", "error: --awq-alpha-by must be one of gptq, rtn, got 'hessian'"),
+    ("awq", "gptq", "error: --awq-alpha-by does not apply to --method awq"),
 ])
 def test_word_option_outside_its_choices(method, value, expect, tiny, tmp_path, capsys):
     from llmquant.cli import main

@@ -71,7 +71,11 @@ sub-scales; its super-blocks' ``d`` and ``dmin`` are divided by s.
 
 ``awq+gptq``: GPTQ (with its block-scale search) on the scaled weights under
 ``H' = diag(1/s) H diag(1/s)``, exactly the Hessian of the scaled inputs, so
-no second calibration pass is needed.
+no second calibration pass is needed. The α search above ranks scales by RTN's
+error, which GPTQ does not make: by default (``alpha_by="gptq"``) the group
+then settles between α = 0, half the searched α and the searched α by the
+output error GPTQ's own codes reach on a sample of each member's rows (for
+the model's target, ``W*·diag(s)``, where GPTQ fits the model).
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ from ..formats import BlockFormat, QuantBlocks
 from ..formats.kquant import KQuantFormat, SuperGrid
 from ..formats.torch_grid import dequantize as _dequant
 from ..formats.torch_grid import f16_round as _f16
+from ..options import BOUNDS
 from .base import LinearReport, Method, by_format, row_shares
 from .edge import to_numpy, to_torch
 from .gptq import (
@@ -100,6 +105,7 @@ from .gptq import (
     accumulate_cross,
     gptq_quantize_rows,
     lstsq_grid,
+    model_target,
     super_grid,
 )
 from .gptq_method import FitsTarget, fitted_weights
@@ -109,6 +115,7 @@ REFITS = 2
 S_MIN = 1e-4  # clamp of mean|x|^α before normalization (AutoAWQ)
 F16_MIN_NORMAL = 2.0**-14
 F16_SAFE_MAX = 32768.0  # rescaled grids stay well inside fp16's range
+ALPHA_BY = BOUNDS["alpha_by"].choices
 _CHUNK = 1 << 22  # elements of one [K, rows, blocks, 32] temporary in the clip search
 
 
@@ -444,6 +451,7 @@ class AWQMethod(Method, method="awq"):
             if err < best:
                 best, best_alpha, best_s = err, alpha, s
         st.extra = {"alpha": best_alpha, "group_err_vs_rtn": best / base if base > 0 else 1.0}
+        best_alpha, best_s = self._settle(st, Ws, fmts, index, x_mean, lo, hi, best_alpha, best_s)
         if best_s is None:
             return None
         st.extra["s_ratio"] = float(best_s.max() / best_s.min())
@@ -453,6 +461,12 @@ class AWQMethod(Method, method="awq"):
         if st.cross is not None:
             scale_gram_(st.cross, st.s)  # x_fp and x both divided by s
         return revised
+
+    def _settle(self, st: _Group, Ws: dict, fmts: dict, index: torch.Tensor, x_mean: torch.Tensor,
+                lo: torch.Tensor | None, hi: torch.Tensor | None, alpha: float, s: torch.Tensor | None
+                ) -> tuple[float, torch.Tensor | None]:
+        """The α (and its s [cs], None for none) the group is scaled by: the RTN search's choice here."""
+        return alpha, s
 
     def _codes_for(self, st: _Group, members: list[tuple[str, torch.Tensor, type[BlockFormat]]]
                    ) -> list[tuple[QuantBlocks, dict, torch.Tensor | None, float]]:
@@ -491,15 +505,78 @@ class AWQMethod(Method, method="awq"):
         self._groups.pop(group, None)
 
 
-class AWQGPTQMethod(FitsTarget, AWQMethod, method="awq+gptq"):
-    """AWQ's scales, then GPTQ on the scaled weights under H' = diag(1/s) H diag(1/s)."""
+def _row_sample(W: torch.Tensor, rows: int) -> torch.Tensor:
+    """At most ``rows`` evenly spaced rows of W [co, ci] (all of them where co ≤ rows)."""
+    if W.shape[0] <= rows:
+        return W
+    return W[torch.linspace(0, W.shape[0] - 1, rows, device=W.device).round().long()]
 
+
+class AWQGPTQMethod(FitsTarget, AWQMethod, method="awq+gptq"):
+    """AWQ's scales, then GPTQ on the scaled weights under H' = diag(1/s) H diag(1/s).
+
+    alpha_by: "rtn" keeps the α that AWQ's search picks by RTN's error; "gptq"
+    then settles between α = 0, half that α and that α by the output error GPTQ
+    itself reaches on each, fitted as the codes will be (to the model where
+    gptq_target is "model"), on at most ``ALPHA_ROWS`` evenly spaced rows of
+    each member. Scales that lower RTN's error can raise GPTQ's: GPTQ already
+    spreads each column's rounding error over the columns after it, and a
+    scale that flattens the activations also flattens diag(H), which is what
+    that spreading feeds on.
+    """
+
+    ALPHA_ROWS = 256
 
     def __init__(self, n_grid: int = 20, damp: float = 0.01, act_order: bool = False, scale_search: bool = True,
-                 block_cols: int = 128, clip_ratios=CLIP_RATIOS, gptq_target: str = "model"):
+                 block_cols: int = 128, clip_ratios=CLIP_RATIOS, gptq_target: str = "model", alpha_by: str = "gptq"):
         super().__init__(n_grid, clip_ratios)
         self._set_target(gptq_target)
+        if alpha_by not in ALPHA_BY:
+            raise ValueError(f"alpha_by must be one of {ALPHA_BY}, not {alpha_by!r}")
         self.damp, self.act_order, self.scale_search, self.block_cols = damp, act_order, scale_search, block_cols
+        self.alpha_by = alpha_by
+
+    def _settle(self, st, Ws, fmts, index, x_mean, lo, hi, alpha, s):
+        if self.alpha_by == "rtn" or s is None:
+            return alpha, s
+        rels = list(Ws)
+        sample = [_row_sample(Ws[rel], self.ALPHA_ROWS) for rel in rels]
+        targets = [W.clone() for W in sample]
+        if st.cross is not None:  # the model's target once, unscaled: W*·diag(s) is the scaled one
+            try:
+                targets = model_target(targets, st.G, st.cross, self.damp, in_place=True)  # both /n
+            except HessianError:
+                return alpha, s
+        half = scales_for(x_mean, alpha / 2)
+        if lo is not None:
+            half = torch.minimum(torch.maximum(half, lo), hi)
+        errors = {}
+        for a, sc in ((0.0, None), (alpha / 2, half), (alpha, s)):
+            try:
+                errors[a] = self._gptq_error(st.G, targets, [fmts[rel] for rel in rels],
+                                             None if sc is None else sc[index])
+            except HessianError:
+                errors[a] = float("inf")
+        best = min(errors, key=errors.get)
+        st.extra["alpha_rtn"] = alpha
+        st.extra["alpha"] = best
+        if errors[0.0] > 0 and errors[0.0] < float("inf"):
+            st.extra["gptq_err_vs_unscaled"] = {f"{a:g}": e / errors[0.0] for a, e in errors.items()}
+        return best, {0.0: None, alpha / 2: half, alpha: s}[best]
+
+    def _gptq_error(self, G: torch.Tensor, targets: list[torch.Tensor], fmts: list[type[BlockFormat]],
+                    s_in: torch.Tensor | None) -> float:
+        """Σ tr(E G Eᵀ) of GPTQ's codes for ``targets`` ([r_i, ci] each) scaled by s_in [ci] (None: not)."""
+        Gs = G if s_in is None else scale_gram_(G.clone(), s_in)
+        members = [(str(i), T if s_in is None else T * s_in, fmt) for i, (T, fmt) in enumerate(zip(targets, fmts,
+                                                                                                    strict=True))]
+        total = 0.0
+        for fmt, idx in by_format(members).items():
+            Ts = [members[i][1] for i in idx]
+            results = gptq_quantize_rows(Ts, Gs, fmt, damp=self.damp, act_order=self.act_order,
+                                         block_cols=self.block_cols, scale_search=self.scale_search, h_scale=2.0)
+            total += sum(output_error(T, res.W_hat, Gs) for T, res in zip(Ts, results, strict=True))
+        return total
 
     def observe_pair(self, group: str, x_fp: torch.Tensor, x: torch.Tensor) -> None:
         self.observe(group, x)
