@@ -176,7 +176,7 @@ def _group_error(out, W_orig, X):
 
 
 def test_awq_gptq_settles_alpha_by_the_error_gptq_reaches():
-    """Among α = 0, half the RTN search's α and that α, the group is scaled by the one whose GPTQ
+    """Among fractions of the RTN search's α (0 and 1 included), the group is scaled by the one whose GPTQ
     codes have the least output error; the settle's estimate is what the final walk reaches."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(1024, 128, generator=g)
@@ -195,7 +195,8 @@ def test_awq_gptq_settles_alpha_by_the_error_gptq_reaches():
     a = extra_rtn["alpha"]
     assert a > 0 and extra["alpha_rtn"] == a
     ratios = extra["gptq_err_vs_unscaled"]
-    assert set(ratios) == {"0", f"{a / 2:g}", f"{a:g}"} and ratios["0"] == 1.0
+    assert set(ratios) == {f"{f * a:g}" for f in AWQGPTQMethod.ALPHA_FRACTIONS} and ratios["0"] == 1.0
+    assert {0.0, 1.0} <= set(AWQGPTQMethod.ALPHA_FRACTIONS)  # never worse than no scale, nor than AWQ's own α
     chosen = min(ratios, key=ratios.get)
     assert f"{extra['alpha']:g}" == chosen
     # the estimate (every row: 96 ≤ ALPHA_ROWS) is the final codes' own error, relative to α = 0's

@@ -73,8 +73,8 @@ sub-scales; its super-blocks' ``d`` and ``dmin`` are divided by s.
 ``H' = diag(1/s) H diag(1/s)``, exactly the Hessian of the scaled inputs, so
 no second calibration pass is needed. The α search above ranks scales by RTN's
 error, which GPTQ does not make: by default (``alpha_by="gptq"``) the group
-then settles between α = 0, half the searched α and the searched α by the
-output error GPTQ's own codes reach on a sample of each member's rows (for
+then settles between α = 0, ¼, ½, ¾ of the searched α and the searched α by
+the output error GPTQ's own codes reach on a sample of each member's rows (for
 the model's target, ``W*·diag(s)``, where GPTQ fits the model).
 """
 
@@ -516,8 +516,8 @@ class AWQGPTQMethod(FitsTarget, AWQMethod, method="awq+gptq"):
     """AWQ's scales, then GPTQ on the scaled weights under H' = diag(1/s) H diag(1/s).
 
     alpha_by: "rtn" keeps the α that AWQ's search picks by RTN's error; "gptq"
-    then settles between α = 0, half that α and that α by the output error GPTQ
-    itself reaches on each, fitted as the codes will be (to the model where
+    then settles between α = 0, ¼, ½, ¾ of that α and that α (``ALPHA_FRACTIONS``)
+    by the output error GPTQ itself reaches on each, fitted as the codes will be (to the model where
     gptq_target is "model"), on at most ``ALPHA_ROWS`` evenly spaced rows of
     each member. Scales that lower RTN's error can raise GPTQ's: GPTQ already
     spreads each column's rounding error over the columns after it, and a
@@ -526,6 +526,7 @@ class AWQGPTQMethod(FitsTarget, AWQMethod, method="awq+gptq"):
     """
 
     ALPHA_ROWS = 256
+    ALPHA_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)  # of the RTN search's α: the candidates GPTQ settles between
 
     def __init__(self, n_grid: int = 20, damp: float = 0.01, act_order: bool = False, scale_search: bool = True,
                  block_cols: int = 128, clip_ratios=CLIP_RATIOS, gptq_target: str = "model", alpha_by: str = "gptq"):
@@ -547,11 +548,14 @@ class AWQGPTQMethod(FitsTarget, AWQMethod, method="awq+gptq"):
                 targets = model_target(targets, st.G, st.cross, self.damp, in_place=True)  # both /n
             except HessianError:
                 return alpha, s
-        half = scales_for(x_mean, alpha / 2)
-        if lo is not None:
-            half = torch.minimum(torch.maximum(half, lo), hi)
+        cands = {}
+        for f in self.ALPHA_FRACTIONS:  # f·α, the searched α's own s at f = 1
+            sc = None if f == 0 else s if f == 1 else scales_for(x_mean, f * alpha)
+            if sc is not None and lo is not None and f != 1:
+                sc = torch.minimum(torch.maximum(sc, lo), hi)
+            cands[f * alpha] = sc
         errors = {}
-        for a, sc in ((0.0, None), (alpha / 2, half), (alpha, s)):
+        for a, sc in cands.items():
             try:
                 errors[a] = self._gptq_error(st.G, targets, [fmts[rel] for rel in rels],
                                              None if sc is None else sc[index])
@@ -560,9 +564,9 @@ class AWQGPTQMethod(FitsTarget, AWQMethod, method="awq+gptq"):
         best = min(errors, key=errors.get)
         st.extra["alpha_rtn"] = alpha
         st.extra["alpha"] = best
-        if errors[0.0] > 0 and errors[0.0] < float("inf"):
+        if 0 < errors[0.0] < float("inf"):
             st.extra["gptq_err_vs_unscaled"] = {f"{a:g}": e / errors[0.0] for a, e in errors.items()}
-        return best, {0.0: None, alpha / 2: half, alpha: s}[best]
+        return best, cands[best]
 
     def _gptq_error(self, G: torch.Tensor, targets: list[torch.Tensor], fmts: list[type[BlockFormat]],
                     s_in: torch.Tensor | None) -> float:
