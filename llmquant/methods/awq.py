@@ -519,10 +519,10 @@ class AWQGPTQMethod(FitsTarget, AWQMethod, method="awq+gptq"):
     then settles between α = 0, ¼, ½, ¾ of that α and that α (``ALPHA_FRACTIONS``)
     by the output error GPTQ itself reaches on each, fitted as the codes will be (to the model where
     gptq_target is "model"), on at most ``ALPHA_ROWS`` evenly spaced rows of
-    each member. Scales that lower RTN's error can raise GPTQ's: GPTQ already
-    spreads each column's rounding error over the columns after it, and a
-    scale that flattens the activations also flattens diag(H), which is what
-    that spreading feeds on.
+    each member. Scales that lower RTN's error can raise GPTQ's, which spreads
+    each column's rounding error over the columns after it (measured, with the
+    choices each candidate won: docs/benchmarks.md). Each candidate's walk holds
+    a scaled copy of the group's ci×ci Gram matrix while it runs.
     """
 
     ALPHA_ROWS = 256
@@ -541,8 +541,8 @@ class AWQGPTQMethod(FitsTarget, AWQMethod, method="awq+gptq"):
         if self.alpha_by == "rtn" or s is None:
             return alpha, s
         rels = list(Ws)
-        sample = [_row_sample(Ws[rel], self.ALPHA_ROWS) for rel in rels]
-        targets = [W.clone() for W in sample]
+        targets = [_row_sample(Ws[rel], self.ALPHA_ROWS) for rel in rels]
+        targets = [T.clone() if T is Ws[rel] else T for T, rel in zip(targets, rels, strict=True)]  # own copies
         if st.cross is not None:  # the model's target once, unscaled: W*·diag(s) is the scaled one
             try:
                 targets = model_target(targets, st.G, st.cross, self.damp, in_place=True)  # both /n
