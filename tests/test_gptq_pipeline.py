@@ -68,6 +68,8 @@ def test_each_group_is_walked_once_per_format(method, tiny_llama, tmp_path, monk
     import llmquant.methods.gptq_method as gptq_module
 
     module = gptq_module if method == "gptq" else awq_module
+    # awq+gptq's default settles α by trial walks on sampled rows first: only the final walks here
+    options = {} if method == "gptq" else {"alpha_by": "rtn"}
     walks = []
 
     def spy(Ws, *a, **k):
@@ -76,7 +78,8 @@ def test_each_group_is_walked_once_per_format(method, tiny_llama, tmp_path, monk
 
     real = module.gptq_quantize_rows
     monkeypatch.setattr(module, "gptq_quantize_rows", spy)
-    quantize(tiny_llama, tmp_path / "o.gguf", type="q4_0", method=method, calibration=CALIB, progress=False)
+    quantize(tiny_llama, tmp_path / "o.gguf", type="q4_0", method=method, method_options=options or None,
+             calibration=CALIB, progress=False)
     config = read_config(tiny_llama)
     kv = config["num_key_value_heads"] * config["hidden_size"] // config["num_attention_heads"]
     h, f = config["hidden_size"], config["intermediate_size"]
@@ -182,11 +185,14 @@ def test_layer_arguments_are_captured_on_one_thread(tiny_llama):
 def test_fitting_the_full_precision_model_changes_only_what_its_inputs_change(method, tiny_llama, tmp_path):
     """--gptq-target model: layer 0's q/k/v see the same inputs in both streams (the embeddings),
     so they get the codes plain GPTQ gives them; every later group sees inputs the quantized
-    layers moved, and its codes change."""
+    layers moved, and its codes change. (awq+gptq with α settled by GPTQ: o_proj's α then depends
+    on the target, and v_proj's grid is divided by o_proj's scales, so v_proj's bytes may differ
+    too; AWQ's own α, chosen on the layer's inputs alone, keeps them.)"""
     files = {}
     for target in ("layer", "model"):
         files[target] = tmp_path / f"{target}.gguf"
-        quantize(tiny_llama, files[target], type="q4_0", method=method, method_options={"gptq_target": target},
+        options = {"gptq_target": target} if method == "gptq" else {"gptq_target": target, "alpha_by": "rtn"}
+        quantize(tiny_llama, files[target], type="q4_0", method=method, method_options=options,
                  calibration=CALIB, progress=False)
     data = {t: {x.name: x.data.tobytes() for x in gguf.GGUFReader(f).tensors} for t, f in files.items()}
     same = {name for name in data["layer"] if data["layer"][name] == data["model"][name]}
