@@ -18,6 +18,7 @@ from llmquant.loading.source import read_config
 from llmquant.loading.weights import WeightStore
 from llmquant.methods import METHODS, make_method
 from llmquant.methods.awq import AWQGPTQMethod, AWQMethod, channel_map, fold_scales, scale_gram_
+from llmquant.methods.gptq import gptq_quantize_rows
 
 CALIB = CalibrationConfig(samples=4, seqlen=128)
 
@@ -204,8 +205,6 @@ def test_awq_gptq_settles_alpha_by_the_error_gptq_reaches():
     with torch.no_grad():
         X = toy.norm(x)
     G = X.T @ X / X.shape[0]
-    from llmquant.methods.gptq import gptq_quantize_rows
-
     Ws = [toy.a.weight.data, toy.b.weight.data]
     err0 = sum(((r.W_hat - W) @ X.T).square().sum().item()
                for W, r in zip(Ws, gptq_quantize_rows(Ws, G, fmt, h_scale=2.0), strict=True))

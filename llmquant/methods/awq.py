@@ -244,6 +244,13 @@ def scales_for(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
     return s / (s.max() * s.min()).sqrt()
 
 
+def bounded_scales(x_mean: torch.Tensor, alpha: float, lo: torch.Tensor | None, hi: torch.Tensor | None
+                   ) -> torch.Tensor:
+    """``scales_for``, kept within [lo, hi] per channel where bounds are given (``rescale_bounds``)."""
+    s = scales_for(x_mean, alpha)
+    return s if lo is None else torch.minimum(torch.maximum(s, lo), hi)
+
+
 def _diag_blocks(G: torch.Tensor, g: int) -> torch.Tensor:
     """G [ci, ci] -> its g×g diagonal blocks [ci/g, g, g] (g: the format's block width)."""
     nb = G.shape[0] // g
@@ -442,9 +449,7 @@ class AWQMethod(Method, method="awq"):
         best, best_alpha, best_s = base, 0.0, None
         for i in range(1, self.n_grid):
             alpha = i / self.n_grid
-            s = scales_for(x_mean, alpha)
-            if lo is not None:
-                s = torch.minimum(torch.maximum(s, lo), hi)
+            s = bounded_scales(x_mean, alpha, lo, hi)
             if float(s.max() / s.min()) <= 1 + 1e-6:
                 continue  # flat: the same as alpha 0
             err = sum(rtn_error(W, s[index], fmts[rel], G) for rel, W in Ws.items())
@@ -548,12 +553,8 @@ class AWQGPTQMethod(FitsTarget, AWQMethod, method="awq+gptq"):
                 targets = model_target(targets, st.G, st.cross, self.damp, in_place=True)  # both /n
             except HessianError:
                 return alpha, s
-        cands = {}
-        for f in self.ALPHA_FRACTIONS:  # f·α, the searched α's own s at f = 1
-            sc = None if f == 0 else s if f == 1 else scales_for(x_mean, f * alpha)
-            if sc is not None and lo is not None and f != 1:
-                sc = torch.minimum(torch.maximum(sc, lo), hi)
-            cands[f * alpha] = sc
+        cands = {f * alpha: None if f == 0 else bounded_scales(x_mean, f * alpha, lo, hi)  # f = 1: s itself
+                 for f in self.ALPHA_FRACTIONS}
         errors = {}
         for a, sc in cands.items():
             try:
@@ -572,15 +573,19 @@ class AWQGPTQMethod(FitsTarget, AWQMethod, method="awq+gptq"):
                     s_in: torch.Tensor | None) -> float:
         """Σ tr(E G Eᵀ) of GPTQ's codes for ``targets`` ([r_i, ci] each) scaled by s_in [ci] (None: not)."""
         Gs = G if s_in is None else scale_gram_(G.clone(), s_in)
-        members = [(str(i), T if s_in is None else T * s_in, fmt) for i, (T, fmt) in enumerate(zip(targets, fmts,
-                                                                                                    strict=True))]
+        scaled = [T if s_in is None else T * s_in for T in targets]
+        members = [(str(i), T, fmt) for i, (T, fmt) in enumerate(zip(scaled, fmts, strict=True))]
         total = 0.0
         for fmt, idx in by_format(members).items():
-            Ts = [members[i][1] for i in idx]
-            results = gptq_quantize_rows(Ts, Gs, fmt, damp=self.damp, act_order=self.act_order,
-                                         block_cols=self.block_cols, scale_search=self.scale_search, h_scale=2.0)
-            total += sum(output_error(T, res.W_hat, Gs) for T, res in zip(Ts, results, strict=True))
+            Ts = [scaled[i] for i in idx]
+            total += sum(output_error(T, res.W_hat, Gs) for T, res in zip(Ts, self._walk(Ts, Gs, fmt), strict=True))
         return total
+
+    def _walk(self, Ws: list[torch.Tensor], G: torch.Tensor, fmt: type[BlockFormat]) -> list:
+        """GPTQ (this method's options) of Ws under H = 2·G, doubled inside GPTQ's float64 work copy:
+        no scaled float32 copy of G beside it."""
+        return gptq_quantize_rows(Ws, G, fmt, damp=self.damp, act_order=self.act_order, block_cols=self.block_cols,
+                                  scale_search=self.scale_search, h_scale=2.0)
 
     def observe_pair(self, group: str, x_fp: torch.Tensor, x: torch.Tensor) -> None:
         self.observe(group, x)
@@ -597,10 +602,7 @@ class AWQGPTQMethod(FitsTarget, AWQMethod, method="awq+gptq"):
         for fmt, idx in groups.items():
             t0 = time.perf_counter()
             try:
-                # H = 2·G, doubled inside GPTQ's float64 work copy: no scaled float32 copy of G beside it
-                results = gptq_quantize_rows(targets.pop(fmt), st.G, fmt, damp=self.damp,
-                                             act_order=self.act_order, block_cols=self.block_cols,
-                                             scale_search=self.scale_search, h_scale=2.0)
+                results = self._walk(targets.pop(fmt), st.G, fmt)
             except HessianError as exc:
                 warnings.warn(f"{exc}; AWQ clip search instead of GPTQ", stacklevel=4)
                 for i in idx:
