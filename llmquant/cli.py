@@ -54,7 +54,7 @@ def _add_quantize(sub) -> None:
                    help="gptq, awq+gptq: keep llama.cpp's scale rule per block")
     g.add_argument("--awq-grid", type=int, default=None, help="awq, awq+gptq: alpha grid points in [0, 1) (default 20)")
     g.add_argument("--awq-alpha-by", default=None, help="awq+gptq: how α is settled: gptq (the least output error "
-                   "GPTQ reaches among α = 0, ¼, ½, ¾ of the RTN search's α, and that α; default) or rtn (the RTN search's α)")
+                   "GPTQ reaches among α = 0, half the RTN search's α, and that α; default) or rtn (the RTN search's α)")
     g.add_argument("--gptq-target", default=None, help="gptq, awq+gptq: what each linear's output is fitted to: layer "
                    "(its own output on its quantized inputs) or model (the full-precision model's output there; default)")
     g.add_argument("--tune-steps", type=int, default=None, help="tune methods: steps per layer (default 200)")

@@ -73,8 +73,8 @@ sub-scales; its super-blocks' ``d`` and ``dmin`` are divided by s.
 ``H' = diag(1/s) H diag(1/s)``, exactly the Hessian of the scaled inputs, so
 no second calibration pass is needed. The α search above ranks scales by RTN's
 error, which GPTQ does not make: by default (``alpha_by="gptq"``) the group
-then settles between α = 0, ¼, ½, ¾ of the searched α and the searched α by
-the output error GPTQ's own codes reach on a sample of each member's rows (for
+then settles between α = 0, half the searched α and the searched α by the
+output error GPTQ's own codes reach on a sample of each member's rows (for
 the model's target, ``W*·diag(s)``, where GPTQ fits the model).
 """
 
@@ -521,17 +521,18 @@ class AWQGPTQMethod(FitsTarget, AWQMethod, method="awq+gptq"):
     """AWQ's scales, then GPTQ on the scaled weights under H' = diag(1/s) H diag(1/s).
 
     alpha_by: "rtn" keeps the α that AWQ's search picks by RTN's error; "gptq"
-    then settles between α = 0, ¼, ½, ¾ of that α and that α (``ALPHA_FRACTIONS``)
+    then settles between α = 0, half that α and that α (``ALPHA_FRACTIONS``)
     by the output error GPTQ itself reaches on each, fitted as the codes will be (to the model where
     gptq_target is "model"), on at most ``ALPHA_ROWS`` evenly spaced rows of
     each member. Scales that lower RTN's error can raise GPTQ's, which spreads
     each column's rounding error over the columns after it (measured, with the
-    choices each candidate won: docs/benchmarks.md). Each candidate's walk holds
+    choices each candidate won, and finer candidates losing end to end:
+    docs/benchmarks.md). Each candidate's walk holds
     a scaled copy of the group's ci×ci Gram matrix while it runs.
     """
 
     ALPHA_ROWS = 256
-    ALPHA_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)  # of the RTN search's α: the candidates GPTQ settles between
+    ALPHA_FRACTIONS = (0.0, 0.5, 1.0)  # of the RTN search's α: the candidates GPTQ settles between
 
     def __init__(self, n_grid: int = 20, damp: float = 0.01, act_order: bool = False, scale_search: bool = True,
                  block_cols: int = 128, clip_ratios=CLIP_RATIOS, gptq_target: str = "model", alpha_by: str = "gptq"):
