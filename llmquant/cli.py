@@ -57,9 +57,6 @@ def _add_quantize(sub) -> None:
                    "GPTQ reaches among α = 0, half the RTN search's α, and that α; default) or rtn (the RTN search's α)")
     g.add_argument("--gptq-target", default=None, help="gptq, awq+gptq: what each linear's output is fitted to: layer "
                    "(its own output on its quantized inputs) or model (the full-precision model's output there; default)")
-    g.add_argument("--gptq-loss", default=None, help="gptq, awq+gptq: how each token's output error counts in the "
-                   "linears that write into the residual stream: normed (over the RMS of the stream there, as the next "
-                   "norm sees it) or output (every token alike, GPTQ's own; default)")
     g.add_argument("--tune-steps", type=int, default=None, help="tune methods: steps per layer (default 200)")
     g.add_argument("--tune-lr", type=float, default=None, help="tune methods: Adam step of the rounding offsets, in codes (default 1e-2)")
     g.add_argument("--tune-batch", type=int, default=None, help="tune methods: calibration sequences per step (default 1)")
@@ -87,7 +84,7 @@ _METHOD_FLAGS = {"damp": ("damp", None), "act_order": ("act_order", None),
                  "scale_search": ("no_scale_search", lambda v: not v), "n_grid": ("awq_grid", None),
                  "steps": ("tune_steps", None), "lr": ("tune_lr", None), "tune_batch": ("tune_batch", None),
                  "target": ("tune_target", None), "loss": ("tune_loss", None), "gptq_target": ("gptq_target", None),
-                 "alpha_by": ("awq_alpha_by", None), "gptq_loss": ("gptq_loss", None)}
+                 "alpha_by": ("awq_alpha_by", None)}
 _CALIB_FLAGS = {"samples": "calib_samples", "seqlen": "calib_seqlen", "seed": "seed",
                 "text_file": "calib_text", "dataset": "calib_dataset",
                 "source": "calib_source"}

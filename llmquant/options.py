@@ -44,7 +44,6 @@ BOUNDS = {
     "target": Bound("--tune-target", str, choices=("layer", "model")),
     "loss": Bound("--tune-loss", str, choices=("normed", "hidden")),
     "gptq_target": Bound("--gptq-target", str, choices=("layer", "model")),
-    "gptq_loss": Bound("--gptq-loss", str, choices=("normed", "output")),
     "alpha_by": Bound("--awq-alpha-by", str, choices=("gptq", "rtn")),
     # generate
     "max_tokens": Bound("--max-tokens", int, 1),

@@ -707,7 +707,7 @@ OPTION_CASES = {
     "damp-with-rtn": OptionCase(r"--damp does not apply to --method rtn \(it takes no options\)$", ("--damp", "0.1"),
                                 {"method_options": {"damp": 0.1}}),
     "awq-grid-with-gptq": OptionCase(r"--awq-grid does not apply to --method gptq \(it takes --damp, --act-order, "
-                                     r"--no-scale-search, --gptq-target, --gptq-loss\)$", ("--method", "gptq", "--awq-grid", "4"),
+                                     r"--no-scale-search, --gptq-target\)$", ("--method", "gptq", "--awq-grid", "4"),
                                      {"method": "gptq", "method_options": {"n_grid": 4}}),
     "gptq-options-with-awq": OptionCase(r"--damp, --act-order do not apply to --method awq \(it takes --awq-grid\)$",
                                         ("--method", "AWQ", "--damp", "0.1", "--act-order"),
@@ -820,8 +820,6 @@ def test_numeric_option_out_of_range(opt, value, method, tiny, tmp_path, capsys)
     ("awq", "model", "error: --gptq-target does not apply to --method awq"),
     ("awq+gptq", "hessian", "error: --awq-alpha-by must be one of gptq, rtn, got 'hessian'"),
     ("awq", "gptq", "error: --awq-alpha-by does not apply to --method awq"),
-    ("awq+gptq", "hidden", "error: --gptq-loss must be one of normed, output, got 'hidden'"),
-    ("awq", "normed", "error: --gptq-loss does not apply to --method awq"),
 ])
 def test_word_option_outside_its_choices(method, value, expect, tiny, tmp_path, capsys):
     from llmquant.cli import main

@@ -194,19 +194,6 @@ def test_calibrated_methods_run_on_gemma3_and_the_file_holds_their_weights(cls, 
     assert text.startswith("Hello") and len(text) > len("Hello")
 
 
-def test_normed_gptq_loss_leaves_gemma3_as_it_is(tiny_gemma3, tmp_path):
-    """Gemma 3's o_proj and down_proj outputs pass a norm of their own (post_attention_layernorm,
-    post_feedforward_layernorm) before they join the residual stream, so the spec lists no residual
-    reader and the normed loss weighs every token alike there: the same file, byte for byte."""
-    assert get_arch(read_config(tiny_gemma3)).residual_readers == {}
-    files = []
-    for loss in ("output", "normed"):
-        files.append(tmp_path / f"{loss}.gguf")
-        quantize(tiny_gemma3, files[-1], type="q4_0", method="awq+gptq", method_options={"gptq_loss": loss},
-                 calibration=CALIB, progress=False)
-    assert files[0].read_bytes() == files[1].read_bytes()
-
-
 # --------------------------------------------------------------------------- tie_word_embeddings's default
 
 

@@ -228,91 +228,32 @@ class PairsSeen(GPTQMethod):
         super().observe_pair(group, x_fp, x)
 
 
-def _layer_output(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _hf_inputs_and_residuals(model_dir, layers: int, weights: dict | None = None):
-    """The HF model's own input of each group's first linear and the residual stream each writer's
-    output joins (post_attention_layernorm's input after o_proj, the layer's output after down_proj),
-    by "layer:module", on CALIB's tokens; ``weights`` (HF name -> [co, ci]) replace the checkpoint's."""
+def test_full_precision_inputs_are_the_hf_models_own(tiny_llama, tmp_path):
+    """What ``--gptq-target model`` pairs with each quantized input is what the unquantized HF model
+    feeds that linear on the same calibration tokens (forward pre-hooks on transformers' own modules),
+    batch for batch; the quantized stream's inputs differ from it after the first group."""
     from transformers import AutoModelForCausalLM
 
     from llmquant.calibration import calibration_tokens
 
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
-    for name, w in (weights or {}).items():
-        hf.get_parameter(name).data = torch.as_tensor(w, dtype=torch.float32)
-    seen, resid, hooks = {}, {}, []
-    for i in range(layers):
-        layer = hf.model.layers[i]
-        for rel in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
-            hooks.append(layer.get_submodule(rel).register_forward_pre_hook(
-                lambda _m, args, key=f"{i}:{rel}": seen.setdefault(key, args[0].clone())))
-        hooks.append(layer.post_attention_layernorm.register_forward_pre_hook(
-            lambda _m, args, key=f"{i}:self_attn.o_proj": resid.setdefault(key, args[0].clone())))
-        hooks.append(layer.register_forward_hook(
-            lambda _m, _a, out, key=f"{i}:mlp.down_proj": resid.setdefault(key, _layer_output(out).clone())))
+    method = PairsSeen()
+    quantize(tiny_llama, tmp_path / "m.gguf", type="q4_0", method=method, calibration=CALIB, progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, torch_dtype=torch.float32).eval()
+    seen = {}
+    modules = {f"{i}:{rel}": layer.get_submodule(rel) for i, layer in enumerate(hf.model.layers)
+               for rel in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")}
+    hooks = [m.register_forward_pre_hook(lambda _m, args, key=key: seen.setdefault(key, args[0].clone()))
+             for key, m in modules.items()]
     with torch.no_grad():
-        hf(calibration_tokens(model_dir, CALIB))
+        hf(calibration_tokens(tiny_llama, CALIB))
     for h in hooks:
         h.remove()
-    return seen, resid
-
-
-def _scaled(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """x as GPTQ's normed loss observes it: each token over the RMS of its residual r (by hand)."""
-    return x / r.pow(2).mean(-1, keepdim=True).sqrt()
-
-
-@pytest.mark.parametrize("loss", ["output", "normed"])
-def test_full_precision_inputs_are_the_hf_models_own(loss, tiny_llama, tmp_path):
-    """What ``--gptq-target model`` pairs with each quantized input is what the unquantized HF model
-    feeds that linear on the same calibration tokens (forward pre-hooks on transformers' own modules),
-    batch for batch; the quantized stream's inputs differ from it after the first group. With the
-    normed loss, o_proj's and down_proj's pairs are those inputs over the RMS of the residual stream
-    their outputs join, in the full-precision model (the same factor for both of a pair); q/k/v's and
-    gate/up's are not scaled."""
-    method = PairsSeen(gptq_loss=loss)
-    quantize(tiny_llama, tmp_path / "m.gguf", type="q4_0", method=method, calibration=CALIB, progress=False)
-    seen, resid = _hf_inputs_and_residuals(tiny_llama, read_config(tiny_llama)["num_hidden_layers"])
-    assert method.pairs.keys() == seen.keys()
+    assert method.pairs.keys() == modules.keys()
     for key, pairs in method.pairs.items():
         x_fp = torch.cat([p[0] for p in pairs])
         x = torch.cat([p[1] for p in pairs])
-        expect = _scaled(seen[key], resid[key]) if loss == "normed" and key in resid else seen[key]
-        torch.testing.assert_close(x_fp, expect, rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(x_fp, seen[key], rtol=1e-4, atol=1e-4, msg=key)
         if key != "0:self_attn.q_proj":
             assert (x - x_fp).abs().max() > 1e-3, key
         else:
             assert torch.equal(x, x_fp)
-
-
-class ObservedGPTQ(RecordingGPTQ):
-    """Plain GPTQ (fitted to each layer) with the normed loss, keeping every input it observes."""
-
-    def __init__(self):
-        super().__init__(gptq_target="layer", gptq_loss="normed")
-        self.inputs: dict[str, list] = {}
-
-    def observe(self, group, x):
-        self.inputs.setdefault(group, []).append(x.clone())
-        super().observe(group, x)
-
-
-def test_normed_loss_fitted_to_the_layer_weighs_by_the_quantized_streams_residual(tiny_llama, tmp_path):
-    """--gptq-target layer --gptq-loss normed: o_proj's inputs are weighed by the residual its layer
-    computes with q/k/v already on their codes, down_proj's by the layer's output with everything
-    but down_proj on its codes (true-sequential), in layer 0 against the HF model with those
-    linears set to the file's weights."""
-    method = ObservedGPTQ()
-    quantize(tiny_llama, tmp_path / "m.gguf", type="q4_0", method=method, calibration=CALIB, progress=False)
-    before = {"self_attn.o_proj": ("q_proj", "k_proj", "v_proj"),
-              "mlp.down_proj": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")}
-    for rel, done in before.items():
-        weights = {n: w for n, w in method.w_hat.items() if n.startswith("model.layers.0.") and n.split(".")[-2] in done}
-        assert len(weights) == len(done)
-        seen, resid = _hf_inputs_and_residuals(tiny_llama, 1, weights)
-        x = torch.cat(method.inputs[f"0:{rel}"])
-        torch.testing.assert_close(x, _scaled(seen[f"0:{rel}"], resid[f"0:{rel}"]), rtol=1e-4, atol=1e-5, msg=rel)
-    torch.testing.assert_close(torch.cat(method.inputs["0:self_attn.q_proj"]), seen["0:self_attn.q_proj"])

@@ -535,10 +535,9 @@ class AWQGPTQMethod(FitsTarget, AWQMethod, method="awq+gptq"):
     ALPHA_FRACTIONS = (0.0, 0.5, 1.0)  # of the RTN search's α: the candidates GPTQ settles between
 
     def __init__(self, n_grid: int = 20, damp: float = 0.01, act_order: bool = False, scale_search: bool = True,
-                 block_cols: int = 128, clip_ratios=CLIP_RATIOS, gptq_target: str = "model", alpha_by: str = "gptq",
-                 gptq_loss: str = "output"):
+                 block_cols: int = 128, clip_ratios=CLIP_RATIOS, gptq_target: str = "model", alpha_by: str = "gptq"):
         super().__init__(n_grid, clip_ratios)
-        self._set_target(gptq_target, gptq_loss)
+        self._set_target(gptq_target)
         if alpha_by not in ALPHA_BY:
             raise ValueError(f"alpha_by must be one of {ALPHA_BY}, not {alpha_by!r}")
         self.damp, self.act_order, self.scale_search, self.block_cols = damp, act_order, scale_search, block_cols

@@ -19,25 +19,18 @@ from .base import LinearReport, Method, by_format, row_shares
 from .gptq import HessianAccumulator, HessianError, accumulate_cross, gptq_quantize_rows, model_target
 
 GPTQ_TARGETS = BOUNDS["gptq_target"].choices
-GPTQ_LOSSES = BOUNDS["gptq_loss"].choices
 
 
 class FitsTarget:
     """What GPTQ's walk fits, shared by gptq and awq+gptq: "model" observes each group's inputs
-    in both streams (the pipeline then runs the full-precision stream beside the quantized one).
-    gptq_loss "normed" weighs each token's output error, in the linears that write into the
-    residual stream, as the next RMS norm sees it (``layer.token_scales``); "output" weighs
-    every token alike (GPTQ's own)."""
+    in both streams (the pipeline then runs the full-precision stream beside the quantized one)."""
 
     gptq_target: str
-    gptq_loss: str
 
-    def _set_target(self, gptq_target: str, gptq_loss: str = "output") -> None:
+    def _set_target(self, gptq_target: str) -> None:
         if gptq_target not in GPTQ_TARGETS:
             raise ValueError(f"gptq_target must be one of {GPTQ_TARGETS}, not {gptq_target!r}")
-        if gptq_loss not in GPTQ_LOSSES:
-            raise ValueError(f"gptq_loss must be one of {GPTQ_LOSSES}, not {gptq_loss!r}")
-        self.gptq_target, self.gptq_loss = gptq_target, gptq_loss
+        self.gptq_target = gptq_target
 
     @property
     def observes_fp_inputs(self) -> bool:
@@ -71,8 +64,8 @@ class GPTQMethod(FitsTarget, Method, method="gptq"):
     needs_calibration = True
 
     def __init__(self, damp: float = 0.01, act_order: bool = False, scale_search: bool = True, block_cols: int = 128,
-                 gptq_target: str = "model", gptq_loss: str = "output"):
-        self._set_target(gptq_target, gptq_loss)
+                 gptq_target: str = "model"):
+        self._set_target(gptq_target)
         self.damp, self.act_order, self.scale_search, self.block_cols = damp, act_order, scale_search, block_cols
         self._acc: dict[str, HessianAccumulator] = {}
         self._cross: dict[str, torch.Tensor] = {}  # group -> Σ (x_fp - x)ᵀ x, where gptq_target is "model"

@@ -48,9 +48,6 @@ class LayerWork:
              (``Method.needs_fp_stream``), else None
     fp_inputs: float32 [n, seq, hidden] the full-precision model's inputs of this layer, given
              where ``targets`` is
-    residual_readers: linear (module path) that adds its output into the residual stream -> the
-             module whose input that stream then is (None: the layer's output); GPTQ's normed loss
-             weighs those linears' tokens by it (``token_scales``). Empty: every token weighs the same
     continuous: filled by ``sequential_walk`` where ``keep_continuous`` (a copy of the layer's
              weights, so only a method that asks): the continuous weights [co, ci] each linear's codes
              were rounded from (its weight after any AWQ scaling; GPTQ's error-updated weights),
@@ -72,7 +69,6 @@ class LayerWork:
     reports: list = field(default_factory=list)
     targets: torch.Tensor | None = None
     fp_inputs: torch.Tensor | None = None
-    residual_readers: dict[str, str | None] = field(default_factory=dict)
     keep_continuous: bool = False
     continuous: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -94,81 +90,17 @@ class LayerWork:
         return torch.cat([self.forward(b, weights) for b in hidden.split(self.batch_size)])
 
 
-def token_scales(residual: torch.Tensor) -> torch.Tensor:
-    """[b, seq, 1] the factor each token's input to a linear is multiplied by before GPTQ's
-    statistics, so that its share of the Hessian is weighed by 1 / ms(residual) [b, seq, hidden].
-
-    A linear that adds its output into the residual stream is read downstream only through
-    RMS norms, which divide each token by its RMS: an error δ on a token reaches every reader
-    as δ / rms. Plain GPTQ weighs every token's ‖δ‖² the same, so the few tokens with massive
-    residuals (the attention sink) own the Hessian of the layers where they form, though their
-    readers barely notice an error of the same size on them. A token with a zero residual
-    (never seen in a real model) is left out rather than weighed infinitely.
-    """
-    ms = residual.pow(2).mean(-1, keepdim=True)
-    return torch.where(ms > 0, ms.rsqrt(), torch.zeros_like(ms))
-
-
-def _residual(work: LayerWork, layer: nn.Module, reader: str | None, x: torch.Tensor,
-              out: torch.Tensor | None) -> torch.Tensor:
-    """The residual stream [b, seq, hidden] a linear of ``layer`` writes into, for the layer's inputs x:
-    the input of ``reader``, or where reader is None the layer's output (``out``, else computed)."""
-    if reader is None:
-        if out is None:
-            if layer is not work.layer:
-                raise RuntimeError("a copy's layer output is the pipeline's targets; none were given")
-            return work.forward(x)
-        return out
-    got: list[torch.Tensor] = []
-    work.feed(layer.get_submodule(reader), got.append, x, None if layer is work.layer else layer)
-    return got[0]
-
-
-def _readers(method, work: LayerWork) -> dict[str, str | None]:
-    """The residual readers the method's walk weighs by (none unless its GPTQ loss is normed)."""
-    return work.residual_readers if getattr(method, "gptq_loss", None) == "normed" else {}
-
-
-def _observe(method, key: str, work: LayerWork, rel: str) -> None:
-    """``method.observe`` of each calibration batch's input of ``rel`` in the layer as it now computes,
-    scaled by ``token_scales`` of the residual the group writes into where it writes into one."""
-    readers = _readers(method, work)
-    module = work.layer.get_submodule(rel)
-    if rel not in readers:
-        work.feed(module, lambda x: method.observe(key, x))
-        return
-    with torch.no_grad():
-        for x in work.inputs.split(work.batch_size):
-            scale = token_scales(_residual(work, work.layer, readers[rel], x, None))
-            work.feed(module, lambda x_in, scale=scale: method.observe(key, x_in * scale), x)
-
-
 def _observe_pairs(method, key: str, work: LayerWork, pristine: nn.Module, rel: str) -> None:
     """``method.observe_pair`` of each calibration batch: its input of ``rel`` in the layer as it
     now computes, on the quantized stream, and in the full-precision layer on the full-precision
-    stream (token for token the same positions); both scaled by ``token_scales`` of the
-    full-precision residual where the group writes into one."""
+    stream (token for token the same positions)."""
     if work.fp_inputs is None:
         raise RuntimeError(f"{method.name} observes full-precision inputs, but the pipeline carried no such stream")
-    readers = _readers(method, work)
-    n = work.inputs.shape[0]
-    outs = work.targets.split(work.batch_size) if work.targets is not None else [None] * -(-n // work.batch_size)
-    for x, x_fp, y_fp in zip(work.inputs.split(work.batch_size), work.fp_inputs.split(work.batch_size), outs,
-                             strict=True):
-        scale = None
-        if rel in readers:
-            with torch.no_grad():
-                scale = token_scales(_residual(work, pristine, readers[rel], x_fp, y_fp))
+    for x, x_fp in zip(work.inputs.split(work.batch_size), work.fp_inputs.split(work.batch_size), strict=True):
         seen = []
         work.feed(work.layer.get_submodule(rel), seen.append, x)
-
-        def pair(x_fp, seen=seen, scale=scale):
-            x_q = seen.pop()
-            if scale is not None:
-                x_fp, x_q = x_fp * scale, x_q * scale
-            method.observe_pair(key, x_fp, x_q)
-
-        work.feed(pristine.get_submodule(rel), pair, x_fp, pristine)
+        work.feed(pristine.get_submodule(rel), lambda x_fp, seen=seen: method.observe_pair(key, x_fp, seen.pop()),
+                  x_fp, pristine)
 
 
 def sequential_walk(method, work: LayerWork) -> dict[str, QuantBlocks]:
@@ -185,7 +117,7 @@ def sequential_walk(method, work: LayerWork) -> dict[str, QuantBlocks]:
     for g in work.groups:
         key = f"{work.index}:{g.members[0]}"
         if pristine is None:
-            _observe(method, key, work, g.members[0])
+            work.feed(work.layer.get_submodule(g.members[0]), lambda x, key=key: method.observe(key, x))
         else:
             _observe_pairs(method, key, work, pristine, g.members[0])
             if g is work.groups[-1]:

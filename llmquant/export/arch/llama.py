@@ -227,8 +227,6 @@ _SMOOTH = {
     "mlp.gate_proj": "post_attention_layernorm",
     "mlp.down_proj": "mlp.up_proj",
 }
-# pre-norm blocks: o_proj's output joins the stream the MLP's norm reads, down_proj's the next layer's
-RESIDUAL_READERS = {"self_attn.o_proj": "post_attention_layernorm", "mlp.down_proj": None}
 _GROUPS = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     ("self_attn.o_proj",),
@@ -273,7 +271,6 @@ _LLAMA_FAMILY = dict(
     optional_layer_tensors=_BIASES,
     sequential_groups=_GROUPS,
     smooth_from=_SMOOTH,
-    residual_readers=RESIDUAL_READERS,
     permute_rows={"self_attn.q_proj": "num_attention_heads", "self_attn.k_proj": "num_key_value_heads"},
     layer_shapes=llama_layer_shapes,
     skipped_tensors=_SKIPPED,
@@ -296,7 +293,6 @@ QWEN2 = register(
         optional_layer_tensors=_BIASES & frozenset(_LAYER),
         sequential_groups=_GROUPS,
         smooth_from=_SMOOTH,
-        residual_readers=RESIDUAL_READERS,
         layer_shapes=llama_layer_shapes,
         skipped_tensors=_SKIPPED,
         # llama.cpp's qwen2 graph reads no rope_freqs: no llama3 scaling

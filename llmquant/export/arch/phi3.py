@@ -39,7 +39,6 @@ from .base import DECODER_SIZES, ArchSpec, ConfigKey, config_int, register
 from .llama import _CONFIG_KEYS as _LLAMA_KEYS
 from .llama import (
     _SKIPPED,
-    RESIDUAL_READERS,
     _rope_params,
     check_llama_features,
     declared_context,
@@ -153,7 +152,6 @@ PHI3 = register(
         layer_tensors=_LAYER,
         sequential_groups=_GROUPS,
         smooth_from=_SMOOTH,
-        residual_readers=RESIDUAL_READERS,
         layer_shapes=phi3_layer_shapes,
         skipped_tensors=_SKIPPED,
         check_features=check_phi3_features,
