@@ -527,8 +527,8 @@ class AWQGPTQMethod(FitsTarget, AWQMethod, method="awq+gptq"):
     each member. Scales that lower RTN's error can raise GPTQ's, which spreads
     each column's rounding error over the columns after it (measured, with the
     choices each candidate won, and finer candidates losing end to end:
-    docs/benchmarks.md). Each candidate's walk holds
-    a scaled copy of the group's ci×ci Gram matrix while it runs.
+    docs/benchmarks.md). Each candidate's walk holds a scaled copy of the
+    group's ci×ci Gram matrix while it runs.
     """
 
     ALPHA_ROWS = 256
