@@ -3,7 +3,7 @@
     python scripts/calib_transfer.py [--model M] [--type q4_0] [--methods gptq,awq+gptq]
                                      [--sources "builtin;generated;chat;generated:0.5,builtin:0.5"]
                                      [--domains builtin,news,wiki] [--calib-samples 32] [--ctx 512]
-                                     [--windows 8] [--no-imatrix] [--out-dir transfer-out]
+                                     [--windows 48] [--no-imatrix] [--out-dir transfer-out]
 
 Writes an f32 reference GGUF with llmquant and llama-quantize's file of it
 (default policy, no importance matrix), then for every calibration source an
@@ -32,7 +32,7 @@ from benchmark import method_spec  # noqa: E402
 
 import llmquant  # noqa: E402
 from llmquant.errors import LlmquantError  # noqa: E402
-from llmquant.eval.perplexity import evaluate
+from llmquant.eval.perplexity import evaluate_many  # noqa: E402
 
 LLAMA_CPP = "llama.cpp"
 LLAMA_CPP_IMATRIX = "llama.cpp+imatrix"
@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--ctx", type=int, default=512)
-    p.add_argument("--windows", type=int, default=8)
+    p.add_argument("--windows", type=int, default=48,
+                   help="windows of --ctx tokens per domain (fewer make the per-domain ratios noisy)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-imatrix", dest="imatrix", action="store_false",
                    help="skip llama.cpp+imatrix (an importance matrix on each source, then llama-quantize --imatrix)")
@@ -147,11 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     rows = _files(args, out)
     quant_s = time.perf_counter() - t0
+    for d in domains:  # every file in one pass per domain: the f32 reference's logits once per window
+        scores = evaluate_many([r["path"] for r in rows], text=texts[d], ctx=args.ctx, windows=args.windows,
+                               ref=out / "f32.gguf", threads=args.threads, progress=False)
+        for r, score in zip(rows, scores, strict=True):
+            r.setdefault("kld", {})[d] = score.kld
+        print(f"{d}: " + ", ".join(f"{r['file']} {r['kld'][d]:.4f}" for r in rows), file=sys.stderr)
     for r in rows:
-        r["kld"] = {d: evaluate(r["path"], text=texts[d], ctx=args.ctx, windows=args.windows, ref=out / "f32.gguf",
-                                threads=args.threads, progress=False).kld for d in domains}
         r["path"] = str(r["path"])
-        print(f"{r['file']}: " + ", ".join(f"{d} {v:.4f}" for d, v in r["kld"].items()), file=sys.stderr)
     add_ratios(rows, domains)
     text = table(rows, domains)
     print(text)

@@ -22,6 +22,7 @@ from llmquant.eval import command
 from llmquant.eval.perplexity import (
     PerplexityResult,
     evaluate,
+    evaluate_many,
     log_softmax,
     make_windows,
     ppl_and_stderr,
@@ -167,6 +168,15 @@ def test_kld_grows_as_bits_shrink(full_gguf, q8_gguf, q4_gguf, eval_text):
     assert q8.ref_ppl == pytest.approx(q4.ref_ppl)  # same reference tokens in both runs
     assert abs(q8.ppl / q8.ref_ppl - 1) < 0.01  # q8_0 within 1% of f32
 
+
+
+def test_evaluate_many_scores_each_file_as_evaluate_does(full_gguf, q8_gguf, q4_gguf, eval_text):
+    """One pass with the reference run once per window gives every file exactly its own evaluation."""
+    many = evaluate_many([q8_gguf, q4_gguf], text=eval_text, ctx=CTX, windows=2, ref=full_gguf, threads=THREADS,
+                         progress=False)
+    alone = [_run(q8_gguf, eval_text, ref=full_gguf), _run(q4_gguf, eval_text, ref=full_gguf)]
+    assert [m.to_dict() for m in many] == [a.to_dict() for a in alone]
+    assert many[0].kld < many[1].kld
 
 def test_json_output_is_one_object_with_the_schema(q8_gguf, full_gguf, eval_text, tmp_path, capsys):
     text_file = tmp_path / "eval.txt"

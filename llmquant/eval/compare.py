@@ -133,7 +133,7 @@ def compare(file: str | Path, *, model: str | Path | None = None, against: tuple
     from ..loading.source import resolve_model
     from ..options import check_value
     from ..text import default_text
-    from .perplexity import evaluate
+    from .perplexity import evaluate_many
 
     file = Path(file)
     bad = [a for a in against if a not in AGAINST]
@@ -186,9 +186,11 @@ def compare(file: str | Path, *, model: str | Path | None = None, against: tuple
         theirs.append((name, out, time.perf_counter() - t0))
     text = default_text("eval") if text is None else text
     result = None
-    for name, path, secs in [("FILE", file, None), *theirs]:
-        say(f"evaluating {path.name} against the f32 reference")
-        r = evaluate(path, text=text, ctx=ctx, windows=windows, ref=ref, threads=threads, progress=progress)
+    files = [("FILE", file, None), *theirs]
+    say(f"evaluating {', '.join(path.name for _, path, _ in files)} against the f32 reference, one pass")
+    scores = evaluate_many([path for _, path, _ in files], text=text, ctx=ctx, windows=windows, ref=ref,
+                           threads=threads, progress=progress)
+    for (name, path, secs), r in zip(files, scores, strict=True):
         if result is None:
             result = CompareResult(file=file, model=str(model or "SmolLM2-135M-Instruct (default)"),
                                    type=recipe.name, pure=pure, ref=ref, ref_ppl=r.ref_ppl, tokens=r.tokens, ctx=ctx,

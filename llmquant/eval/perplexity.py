@@ -248,35 +248,67 @@ def evaluate(model: str | Path, *, text: str, ctx: int = 512, windows: int | Non
     memory is one window of logits per model. Tokens come from the model under
     test (llama.cpp tokenizer for GGUF, the HF tokenizer with ``hf=True``).
     """
+    return evaluate_many([model], text=text, ctx=ctx, windows=windows, ref=ref, threads=threads, hf=hf,
+                         progress=progress)[0]
+
+
+def evaluate_many(models: list[str | Path], *, text: str, ctx: int = 512, windows: int | None = None,
+                  ref: str | Path | None = None, threads: int = 2, hf: bool = False,
+                  progress: bool = True) -> list[PerplexityResult]:
+    """``evaluate`` of several files of one model on the same windows, the reference run once per window.
+
+    The reference is the costly part (an f32 file is several times a quantized one's work), so
+    comparing k files this way costs k + 1 forward passes per window instead of 2k. Every file is
+    open at once: memory is the sum of the files. They must tokenize ``text`` alike (the windows
+    are the first file's), as files of one model do.
+    """
     from tqdm import tqdm
 
     if ctx < 4 or (windows is not None and windows < 1) or threads < 1:
         raise LlmquantError(f"need ctx >= 4, windows >= 1, threads >= 1 (got ctx={ctx}, windows={windows}, threads={threads})")
-    model, ref_path = Path(model), (Path(ref) if ref is not None else None)
-    check_model_path(model, hf)
+    if not models:
+        raise LlmquantError("no model to evaluate")
+    paths, ref_path = [Path(m) for m in models], (Path(ref) if ref is not None else None)
+    for path in paths:
+        check_model_path(path, hf)
     if ref_path is not None:
         check_model_path(ref_path, ref_path.is_dir())
-    acc: dict[str, list[np.ndarray]] = {}
+    acc: list[dict[str, list[np.ndarray]]] = [{} for _ in paths]
     with ExitStack() as stack:
-        test = _open(model, hf, ctx, threads)
-        stack.callback(test.close)
-        wins = make_windows(test.tokenize(text), ctx, windows, test.add_bos, test.bos)
+        tests = []
+        for path in paths:
+            tests.append(_open(path, hf, ctx, threads))
+            stack.callback(tests[-1].close)
+        tokens = tests[0].tokenize(text)
+        for path, test in zip(paths[1:], tests[1:], strict=True):
+            if test.tokenize(text) != tokens:
+                raise LlmquantError(f"{path} tokenizes the text differently from {paths[0]}; evaluate them apart")
+        wins = make_windows(tokens, ctx, windows, tests[0].add_bos, tests[0].bos)
         base = None
         if ref_path is not None:
             base = _open(ref_path, ref_path.is_dir(), ctx, threads)
             stack.callback(base.close)
-            if base.n_vocab != test.n_vocab:
-                raise LlmquantError(f"vocabularies differ: {model} has {test.n_vocab} tokens, {ref_path} has {base.n_vocab}")
+            for path, test in zip(paths, tests, strict=True):
+                if base.n_vocab != test.n_vocab:
+                    raise LlmquantError(f"vocabularies differ: {path} has {test.n_vocab} tokens, "
+                                        f"{ref_path} has {base.n_vocab}")
         for i, w in enumerate(tqdm(wins, desc="perplexity", unit="window", disable=not progress, file=sys.stderr)):
             ref_logits = base.logits(w) if base is not None else None
-            logits = test.logits(w)
-            for path, values in ((model, logits), (ref_path, ref_logits)):
-                if values is not None and not np.isfinite(values).all():
+            if ref_logits is not None and not np.isfinite(ref_logits).all():
+                raise LlmquantError(f"{ref_path} gives logits that are not finite (NaN or Inf) in window {i + 1}; "
+                                    "the model or file is broken")
+            for path, test, stats in zip(paths, tests, acc, strict=True):
+                logits = test.logits(w)
+                if not np.isfinite(logits).all():
                     raise LlmquantError(f"{path} gives logits that are not finite (NaN or Inf) in window {i + 1}; "
                                         "the model or file is broken")
-            for k, v in window_stats(logits, w, ref_logits).items():
-                acc.setdefault(k, []).append(v)
-    stats = {k: np.concatenate(v) for k, v in acc.items()}
+                for k, v in window_stats(logits, w, ref_logits).items():
+                    stats.setdefault(k, []).append(v)
+    return [_result({k: np.concatenate(v) for k, v in stats.items()}, path, hf, ctx, len(wins))
+            for path, stats in zip(paths, acc, strict=True)]
+
+
+def _result(stats: dict[str, np.ndarray], model: Path, hf: bool, ctx: int, n_windows: int) -> PerplexityResult:
     ppl, stderr = ppl_and_stderr(stats["nll"])
     has_ref = "kld" in stats
     return PerplexityResult(
@@ -285,6 +317,6 @@ def evaluate(model: str | Path, *, text: str, ctx: int = 512, windows: int | Non
         kld_p99=float(np.percentile(stats["kld"], 99)) if has_ref else None,
         top1=float(np.mean(stats["top1"])) if has_ref else None,
         ref_ppl=ppl_and_stderr(stats["ref_nll"])[0] if has_ref else None,
-        tokens=int(stats["nll"].size), ctx=ctx, windows=len(wins),
+        tokens=int(stats["nll"].size), ctx=ctx, windows=n_windows,
         file_size=_file_size(model), bits_per_weight=bits_per_weight(model, hf),
     )
