@@ -56,7 +56,8 @@ def _add_quantize(sub) -> None:
     g.add_argument("--awq-alpha-by", default=None, help="awq+gptq: how α is settled: gptq (the least output error "
                    "GPTQ reaches among α = 0, half the RTN search's α, and that α; default) or rtn (the RTN search's α)")
     g.add_argument("--gptq-target", default=None, help="gptq, awq+gptq: what each linear's output is fitted to: layer "
-                   "(its own output on its quantized inputs) or model (the full-precision model's output there; default)")
+                   "(its own output on its quantized inputs), model (the full-precision model's output there), or stream "
+                   "(model, and o_proj/down_proj also fit the full-precision residual stream after their add; default)")
     g.add_argument("--tune-steps", type=int, default=None, help="tune methods: steps per layer (default 200)")
     g.add_argument("--tune-lr", type=float, default=None, help="tune methods: Adam step of the rounding offsets, in codes (default 1e-2)")
     g.add_argument("--tune-batch", type=int, default=None, help="tune methods: calibration sequences per step (default 1)")

@@ -43,7 +43,7 @@ BOUNDS = {
     "tune_batch": Bound("--tune-batch", int, 1),
     "target": Bound("--tune-target", str, choices=("layer", "model")),
     "loss": Bound("--tune-loss", str, choices=("normed", "hidden")),
-    "gptq_target": Bound("--gptq-target", str, choices=("layer", "model")),
+    "gptq_target": Bound("--gptq-target", str, choices=("layer", "model", "stream")),
     "alpha_by": Bound("--awq-alpha-by", str, choices=("gptq", "rtn")),
     # generate
     "max_tokens": Bound("--max-tokens", int, 1),

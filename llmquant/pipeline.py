@@ -268,7 +268,7 @@ class Pipeline:
 
         work = LayerWork(index=i, prefix=prefix, layer=layer, inputs=hidden, kwargs=self.runner.kwargs_for(layer),
                          formats=formats, groups=groups, batch_size=batch_size, norm_shift=self.spec.norm_shift,
-                         feed=feed, fp_inputs=fp_hidden)
+                         feed=feed, fp_inputs=fp_hidden, residual_before=self.spec.residual_before)
         if fp_hidden is not None:  # before the method rounds anything: the full-precision layer
             with clock("forward"):
                 work.targets = fp_hidden = work.outputs(fp_hidden)

@@ -816,7 +816,7 @@ def test_numeric_option_out_of_range(opt, value, method, tiny, tmp_path, capsys)
     ("gptq", "model", "error: --tune-target does not apply to --method gptq"),
     ("tune", "kld", "error: --tune-loss must be one of normed, hidden, got 'kld'"),
     ("awq", "normed", "error: --tune-loss does not apply to --method awq"),
-    ("gptq", "everything", "error: --gptq-target must be one of layer, model, got 'everything'"),
+    ("gptq", "everything", "error: --gptq-target must be one of layer, model, stream, got 'everything'"),
     ("awq", "model", "error: --gptq-target does not apply to --method awq"),
     ("awq+gptq", "hessian", "error: --awq-alpha-by must be one of gptq, rtn, got 'hessian'"),
     ("awq", "gptq", "error: --awq-alpha-by does not apply to --method awq"),

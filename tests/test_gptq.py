@@ -14,6 +14,7 @@ from llmquant.methods.gptq import (
     HessianError,
     accumulate_cross,
     accumulate_hessian,
+    accumulate_residual,
     gptq_quantize,
     gptq_quantize_rows,
     model_target,
@@ -517,3 +518,24 @@ def test_gptq_of_the_model_target_fits_the_full_precision_output_better(name, no
     into = model_target(mine, H, D, in_place=True)  # into the weights given: no second copy
     assert into[0] is mine[0] and into[1] is mine[1]
     assert torch.equal(mine[0], both[0]) and torch.equal(mine[1], both[1])
+
+
+def test_the_stream_target_is_the_least_squares_fit_of_the_full_precision_stream():
+    """model_target with the residual term: W* minimizes ||X̃ W*ᵀ - (X Wᵀ + R)||², the full-precision
+    stream after the add seen from the quantized model's inputs (undamped, against lstsq)."""
+    g = torch.Generator().manual_seed(0)
+    n, ci, co = 400, 24, 16
+    X = torch.randn(n, ci, generator=g, dtype=torch.float64)
+    Xq = X + 0.1 * torch.randn(n, ci, generator=g, dtype=torch.float64)
+    R = 0.3 * torch.randn(n, co, generator=g, dtype=torch.float64)
+    W = torch.randn(co, ci, generator=g, dtype=torch.float64)
+    H, D, E = Xq.T @ Xq, (X - Xq).T @ Xq, torch.zeros(co, ci, dtype=torch.float64)
+    accumulate_residual(E, R, Xq)
+    torch.testing.assert_close(E, R.T @ Xq)
+    (got,) = model_target([W.float()], H.float(), D.float(), damp=0.0, E=E.float())
+    want = torch.linalg.lstsq(Xq, X @ W.T + R).solution.T
+    torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-3)
+    (without,) = model_target([W.float()], H.float(), D.float(), damp=0.0)
+    assert (without.double() - want).abs().max() > 0.01  # the residual term is what moves it there
+    with pytest.raises(ValueError, match="residual term"):
+        model_target([W.float()], H.float(), D.float(), damp=0.0, E=E[:3].float())

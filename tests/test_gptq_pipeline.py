@@ -257,3 +257,83 @@ def test_full_precision_inputs_are_the_hf_models_own(tiny_llama, tmp_path):
             assert (x - x_fp).abs().max() > 1e-3, key
         else:
             assert torch.equal(x, x_fp)
+
+
+class StreamSeen(RecordingGPTQ):
+    """gptq fitted to the stream, keeping the residual it is handed with each pair."""
+
+    def __init__(self, **kw):
+        super().__init__(gptq_target="stream", **kw)
+        self.residuals: dict[str, list] = {}
+
+    def observe_pair(self, group, x_fp, x, residual=None):
+        if residual is not None:
+            self.residuals.setdefault(group, []).append(residual.clone())
+        super().observe_pair(group, x_fp, x, residual)
+
+
+def _pre_add_streams(model, n_layers: int, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What each residual writer adds into, hooked on an HF llama: o_proj into the layer's input,
+    down_proj into post_attention_layernorm's input."""
+    seen, hooks = {}, []
+
+    def keep(key, args, kwargs) -> None:
+        seen[key] = (args[0] if args else kwargs["hidden_states"]).clone()
+
+    for i, layer in enumerate(model.model.layers[:n_layers]):
+        for key, module in ((f"{i}:self_attn.o_proj", layer), (f"{i}:mlp.down_proj", layer.post_attention_layernorm)):
+            hooks.append(module.register_forward_pre_hook(
+                lambda _m, args, kwargs, key=key: keep(key, args, kwargs), with_kwargs=True))
+    with torch.no_grad():
+        model(tokens)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_the_stream_residual_is_the_full_precision_models_minus_the_quantized_ones(tiny_llama, tmp_path):
+    """--gptq-target stream hands o_proj and down_proj the full-precision model's residual stream
+    minus the quantized model's just before their add, token for token: checked against the HF
+    model as it is and with every linear set to the weights the file holds (the quantized stream
+    that far is that model's), hooked where each writer adds."""
+    from transformers import AutoModelForCausalLM
+
+    from llmquant.calibration import calibration_tokens
+
+    method = StreamSeen()
+    quantize(tiny_llama, tmp_path / "m.gguf", type="q4_0", method=method, calibration=CALIB, progress=False)
+    tokens = calibration_tokens(tiny_llama, CALIB)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, torch_dtype=torch.float32).eval()
+    n_layers = len(hf.model.layers)
+    fp = _pre_add_streams(hf, n_layers, tokens)
+    state = hf.state_dict()
+    for name, w_hat in method.w_hat.items():
+        state[name].copy_(torch.from_numpy(np.ascontiguousarray(w_hat)))
+    q = _pre_add_streams(hf, n_layers, tokens)
+    assert method.residuals.keys() == {f"{i}:{rel}" for i in range(n_layers)
+                                       for rel in ("self_attn.o_proj", "mlp.down_proj")}
+    for key, parts in method.residuals.items():
+        r = torch.cat(parts)
+        torch.testing.assert_close(r, fp[key] - q[key], rtol=1e-3, atol=1e-4, msg=key)
+        if key == "0:self_attn.o_proj":  # the embeddings: both streams agree
+            assert torch.equal(r, torch.zeros_like(r))
+        else:
+            assert r.abs().max() > 1e-3, key
+
+
+def test_fitting_the_stream_changes_only_the_writers_whose_stream_differs(tiny_llama, tmp_path):
+    """Against --gptq-target model: layer 0's q/k/v and o_proj (which adds into the embeddings,
+    the same in both streams) keep their bytes; layer 0's down_proj, which adds into a stream the
+    quantized attention moved, and everything after it change."""
+    files = {}
+    for target in ("model", "stream"):
+        files[target] = tmp_path / f"{target}.gguf"
+        quantize(tiny_llama, files[target], type="q4_0", method="gptq", method_options={"gptq_target": target},
+                 calibration=CALIB, progress=False)
+    data = {t: {x.name: x.data.tobytes() for x in gguf.GGUFReader(f).tensors} for t, f in files.items()}
+    same = {name for name in data["model"] if data["model"][name] == data["stream"][name]}
+    for name in ("blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.attn_v.weight", "blk.0.attn_output.weight",
+                 "blk.0.ffn_gate.weight", "blk.0.ffn_up.weight"):
+        assert name in same, name
+    for name in ("blk.0.ffn_down.weight", "blk.1.attn_output.weight", "blk.1.attn_q.weight"):
+        assert name not in same, name

@@ -270,14 +270,18 @@ def test_gptq_hands_over_the_weights_it_rounded(qtype, act_order):
 
 def test_tuning_starts_from_gptq_fitted_to_the_model(tiny_llama, tmp_path):
     """gptq_target reaches the start method: with no steps, awq+gptq+tune writes awq+gptq's own
-    tensors for either target, and the two targets differ."""
+    tensors for each target, and the targets differ."""
     files = {}
     for method, options in (("awq+gptq+tune", {"steps": 0, "gptq_target": "model", "n_grid": 5}),
+                            ("awq+gptq+tune", {"steps": 0, "gptq_target": "stream", "n_grid": 5}),
                             ("awq+gptq", {"gptq_target": "model", "n_grid": 5}),
+                            ("awq+gptq", {"gptq_target": "stream", "n_grid": 5}),
                             ("awq+gptq", {"gptq_target": "layer", "n_grid": 5})):
         path = tmp_path / f"{method}-{options['gptq_target']}.gguf"
         quantize(tiny_llama, path, type="q4_0", method=method, method_options=options, calibration=CALIB,
                  progress=False)
         files[(method, options["gptq_target"])] = _tensor_bytes(path)
     assert files[("awq+gptq+tune", "model")] == files[("awq+gptq", "model")]
+    assert files[("awq+gptq+tune", "stream")] == files[("awq+gptq", "stream")]
     assert files[("awq+gptq", "model")] != files[("awq+gptq", "layer")]
+    assert files[("awq+gptq", "stream")] != files[("awq+gptq", "model")]

@@ -103,6 +103,7 @@ from .gptq import (
     _quant_blocks,
     _slices,
     accumulate_cross,
+    accumulate_residual,
     gptq_quantize_rows,
     lstsq_grid,
     model_target,
@@ -394,6 +395,7 @@ class _Group:
     s: torch.Tensor | None = None  # per input channel, as applied (None: unscaled)
     G: torch.Tensor | None = None  # Gram matrix of the (scaled) inputs, /n
     cross: torch.Tensor | None = None  # Σ (x_fp - x)ᵀ x [ci, ci] where observed in pairs; /n and scaled as G
+    resid: torch.Tensor | None = None  # Σ rᵀ x [co, ci] where the stream is fitted; /n, columns scaled as x
     base: dict = field(default_factory=dict)  # member -> (rtn error, ‖W x‖²) on the original layer
     extra: dict = field(default_factory=dict)
 
@@ -426,6 +428,8 @@ class AWQMethod(Method, method="awq"):
         st.G = G
         if st.cross is not None:
             st.cross.div_(st.acc.n)
+        if st.resid is not None:
+            st.resid.div_(st.acc.n)
         Ws = {rel: layer.get_submodule(rel).weight.data.to(torch.float32) for rel in members}
         fmts = fmts or {}
         for rel, W in Ws.items():
@@ -465,6 +469,8 @@ class AWQMethod(Method, method="awq"):
         st.G = scale_gram_(G, st.s)
         if st.cross is not None:
             scale_gram_(st.cross, st.s)  # x_fp and x both divided by s
+        if st.resid is not None:
+            st.resid.div_(st.s)  # x divided by s; the residual is not
         return revised
 
     def _settle(self, st: _Group, Ws: dict, fmts: dict, index: torch.Tensor, x_mean: torch.Tensor,
@@ -523,7 +529,7 @@ class AWQGPTQMethod(FitsTarget, AWQMethod, method="awq+gptq"):
     alpha_by: "rtn" keeps the α that AWQ's search picks by RTN's error; "gptq"
     then settles between α = 0, half that α and that α (``ALPHA_FRACTIONS``)
     by the output error GPTQ itself reaches on each, fitted as the codes will be (to the model where
-    gptq_target is "model"), on at most ``ALPHA_ROWS`` evenly spaced rows of
+    gptq_target is "model" or "stream"), on at most ``ALPHA_ROWS`` evenly spaced rows of
     each member. Scales that lower RTN's error can raise GPTQ's, which spreads
     each column's rounding error over the columns after it (measured, with the
     choices each candidate won, and finer candidates losing end to end:
@@ -535,7 +541,7 @@ class AWQGPTQMethod(FitsTarget, AWQMethod, method="awq+gptq"):
     ALPHA_FRACTIONS = (0.0, 0.5, 1.0)  # of the RTN search's α: the candidates GPTQ settles between
 
     def __init__(self, n_grid: int = 20, damp: float = 0.01, act_order: bool = False, scale_search: bool = True,
-                 block_cols: int = 128, clip_ratios=CLIP_RATIOS, gptq_target: str = "model", alpha_by: str = "gptq"):
+                 block_cols: int = 128, clip_ratios=CLIP_RATIOS, gptq_target: str = "stream", alpha_by: str = "gptq"):
         super().__init__(n_grid, clip_ratios)
         self._set_target(gptq_target)
         if alpha_by not in ALPHA_BY:
@@ -550,8 +556,9 @@ class AWQGPTQMethod(FitsTarget, AWQMethod, method="awq+gptq"):
         targets = [_row_sample(Ws[rel], self.ALPHA_ROWS) for rel in rels]
         targets = [T.clone() if T is Ws[rel] else T for T, rel in zip(targets, rels, strict=True)]  # own copies
         if st.cross is not None:  # the model's target once, unscaled: W*·diag(s) is the scaled one
+            E = None if st.resid is None else _row_sample(st.resid, self.ALPHA_ROWS)  # the rows of targets
             try:
-                targets = model_target(targets, st.G, st.cross, self.damp, in_place=True)  # both /n
+                targets = model_target(targets, st.G, st.cross, self.damp, in_place=True, E=E)  # all /n
             except HessianError:
                 return alpha, s
         cands = {f * alpha: None if f == 0 else bounded_scales(x_mean, f * alpha, lo, hi)  # f = 1: s itself
@@ -588,18 +595,23 @@ class AWQGPTQMethod(FitsTarget, AWQMethod, method="awq+gptq"):
         return gptq_quantize_rows(Ws, G, fmt, damp=self.damp, act_order=self.act_order, block_cols=self.block_cols,
                                   scale_search=self.scale_search, h_scale=2.0)
 
-    def observe_pair(self, group: str, x_fp: torch.Tensor, x: torch.Tensor) -> None:
+    def observe_pair(self, group: str, x_fp: torch.Tensor, x: torch.Tensor,
+                     residual: torch.Tensor | None = None) -> None:
         self.observe(group, x)
         st = self._groups[group]
         if st.cross is None:
             st.cross = torch.zeros(x.shape[-1], x.shape[-1], device=x.device)
         accumulate_cross(st.cross, x_fp.detach(), x.detach())
+        if residual is not None:
+            if st.resid is None:
+                st.resid = torch.zeros(residual.shape[-1], x.shape[-1], device=x.device)
+            accumulate_residual(st.resid, residual.detach(), x.detach())
 
     def _codes_for(self, st, members):
         out: list = [None] * len(members)
         groups = by_format(members)
-        targets = fitted_weights(members, groups, st.G, st.cross, self.damp)  # G and cross: both /n, both scaled
-        st.cross = None  # ci×ci: gone before the walks
+        targets = fitted_weights(members, groups, st.G, st.cross, self.damp, st.resid)  # all /n, all scaled
+        st.cross = st.resid = None  # gone before the walks
         for fmt, idx in groups.items():
             t0 = time.perf_counter()
             try:

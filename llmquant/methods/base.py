@@ -52,6 +52,8 @@ class Method:
     # observe each group's inputs in pairs (``observe_pair``), the full-precision model's beside the
     # quantized model's; implies needs_fp_stream
     observes_fp_inputs = False
+    # with observes_fp_inputs: also take observe_pair's residual where a group adds into the stream
+    fits_stream = False
 
     def __init_subclass__(cls, method: str | None = None, **kw) -> None:
         super().__init_subclass__(**kw)
@@ -76,9 +78,13 @@ class Method:
     def observe(self, group: str, x: torch.Tensor) -> None:
         """Inputs of one group's shared input (x [..., ci]) from one calibration batch."""
 
-    def observe_pair(self, group: str, x_fp: torch.Tensor, x: torch.Tensor) -> None:
+    def observe_pair(self, group: str, x_fp: torch.Tensor, x: torch.Tensor,
+                     residual: torch.Tensor | None = None) -> None:
         """One calibration batch's inputs of a group in the full-precision model (x_fp) and in the
-        quantized one (x), both [..., ci], the same tokens; for methods that set ``observes_fp_inputs``."""
+        quantized one (x), both [..., ci], the same tokens; for methods that set ``observes_fp_inputs``.
+        residual [..., co]: for a lone linear that adds its output into the residual stream, given to
+        methods that set ``fits_stream``, the full-precision stream minus the quantized one just
+        before that add."""
         raise NotImplementedError
 
     def prepare_group(self, group: str, layer: torch.nn.Module, members: list[str], smooth: str | None, *,

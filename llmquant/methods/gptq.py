@@ -82,8 +82,16 @@ def accumulate_cross(D: torch.Tensor, x_fp: torch.Tensor, x: torch.Tensor) -> No
     D.addmm_((x_fp.reshape(-1, D.shape[0]).to(D.dtype) - x).T, x)
 
 
+def accumulate_residual(E: torch.Tensor, r: torch.Tensor, x: torch.Tensor) -> None:
+    """Add ``rᵀ x`` into ``E [co, ci]`` in place: r [..., co] how the full-precision model's residual
+    stream differs from the quantized model's where a linear adds into it, x [..., ci] that linear's
+    inputs in the quantized model (the same tokens)."""
+    x = x.reshape(-1, E.shape[1]).to(E.dtype)
+    E.addmm_(r.reshape(-1, E.shape[0]).to(E.dtype).T, x)
+
+
 def model_target(Ws: list[torch.Tensor], H: torch.Tensor, D: torch.Tensor, damp: float = 0.01,
-                 in_place: bool = False) -> list[torch.Tensor]:
+                 in_place: bool = False, E: torch.Tensor | None = None) -> list[torch.Tensor]:
     """The weights W* [co, ci] that GPTQ rounds to fit the full-precision model instead of the layer.
 
     With X̃ [n, ci] a linear's inputs in the quantized model and X the full-precision
@@ -96,6 +104,12 @@ def model_target(Ws: list[torch.Tensor], H: torch.Tensor, D: torch.Tensor, damp:
     the output error against the full-precision model (asymmetric calibration, as
     in GPTAQ, Li et al. 2025): each linear also makes up for what the quantized
     layers before it changed in its input. W* = W where both streams agree.
+
+    E = c·Rᵀ X̃ [Σ co, ci] (``accumulate_residual``, the same scale c), for a linear that adds its
+    output into the residual stream, with R [n, co] the full-precision stream minus the quantized
+    one just before that add: the target is then the full-precision stream after the add,
+    ||X̃ Qᵀ - (X Wᵀ + R)||², and W* = W + (W·D + E)·H⁻¹. The linear also makes up, as far as its
+    inputs can tell, for the error the stream carries from every quantized linear before it.
     H⁻¹ is damped as GPTQ damps it (damp · mean diag(H), dead columns' diagonal
     1), retried with 10x the damping like GPTQ; the float64 work is one ci×ci matrix
     and row slices.
@@ -104,6 +118,10 @@ def model_target(Ws: list[torch.Tensor], H: torch.Tensor, D: torch.Tensor, damp:
     Llama-70B MLP).
     """
     WD = torch.cat([W.to(torch.float32) for W in Ws]) @ D.to(torch.float32)  # [Σ co, ci]
+    if E is not None:
+        if E.shape != WD.shape:
+            raise ValueError(f"the residual term is {tuple(E.shape)}, the weights {tuple(WD.shape)}")
+        WD += E.to(torch.float32)
     dead = H.diagonal() == 0
     info = torch.empty((), dtype=torch.int32, device=H.device)
     for attempt in range(_MAX_RETRIES + 1):
@@ -696,6 +714,7 @@ __all__ = [
     "HessianAccumulator",
     "HessianError",
     "accumulate_cross",
+    "accumulate_residual",
     "accumulate_hessian",
     "gptq_quantize",
     "gptq_quantize_rows",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +49,9 @@ class LayerWork:
              (``Method.needs_fp_stream``), else None
     fp_inputs: float32 [n, seq, hidden] the full-precision model's inputs of this layer, given
              where ``targets`` is
+    residual_before: linear (module path) that adds its output into the residual stream -> the
+             module whose input is that stream just before the add (None: the layer's input); a
+             method that ``fits_stream`` observes how the two streams differ there
     continuous: filled by ``sequential_walk`` where ``keep_continuous`` (a copy of the layer's
              weights, so only a method that asks): the continuous weights [co, ci] each linear's codes
              were rounded from (its weight after any AWQ scaling; GPTQ's error-updated weights),
@@ -69,6 +73,7 @@ class LayerWork:
     reports: list = field(default_factory=list)
     targets: torch.Tensor | None = None
     fp_inputs: torch.Tensor | None = None
+    residual_before: dict[str, str | None] = field(default_factory=dict)
     keep_continuous: bool = False
     continuous: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -93,14 +98,45 @@ class LayerWork:
 def _observe_pairs(method, key: str, work: LayerWork, pristine: nn.Module, rel: str) -> None:
     """``method.observe_pair`` of each calibration batch: its input of ``rel`` in the layer as it
     now computes, on the quantized stream, and in the full-precision layer on the full-precision
-    stream (token for token the same positions)."""
+    stream (token for token the same positions). Where the method fits the stream and ``rel`` adds
+    into it, also the full-precision stream minus the quantized one just before that add, taken on
+    the same passes (the input of ``work.residual_before[rel]``, which runs before ``rel``)."""
     if work.fp_inputs is None:
         raise RuntimeError(f"{method.name} observes full-precision inputs, but the pipeline carried no such stream")
+    stream = getattr(method, "fits_stream", False) and rel in work.residual_before
+    tap = work.residual_before.get(rel) if stream else None
     for x, x_fp in zip(work.inputs.split(work.batch_size), work.fp_inputs.split(work.batch_size), strict=True):
-        seen = []
-        work.feed(work.layer.get_submodule(rel), seen.append, x)
-        work.feed(pristine.get_submodule(rel), lambda x_fp, seen=seen: method.observe_pair(key, x_fp, seen.pop()),
-                  x_fp, pristine)
+        seen: list[torch.Tensor] = []
+        before: dict[str, torch.Tensor] = {"q": x, "fp": x_fp} if stream and tap is None else {}
+        with _taps(work.layer, pristine, tap, before):
+            work.feed(work.layer.get_submodule(rel), seen.append, x)
+
+            def pair(x_fp_in, seen=seen, before=before):
+                x_q = seen.pop()
+                if not stream:
+                    return method.observe_pair(key, x_fp_in, x_q)
+                if before.keys() != {"q", "fp"}:
+                    raise RuntimeError(f"{tap} did not run before {rel}: no residual stream to fit")
+                method.observe_pair(key, x_fp_in, x_q, residual=before["fp"] - before["q"])
+
+            work.feed(pristine.get_submodule(rel), pair, x_fp, pristine)
+
+
+@contextmanager
+def _taps(layer: nn.Module, pristine: nn.Module, tap: str | None, into: dict[str, torch.Tensor]):
+    """While open, the input of module ``tap`` goes to ``into["q"]`` when ``layer`` runs it and to
+    ``into["fp"]`` when ``pristine`` does (tap None: nothing to take)."""
+    if tap is None:
+        yield
+        return
+    hooks = [m.get_submodule(tap).register_forward_pre_hook(
+        lambda _m, args, side=side: into.__setitem__(side, args[0].detach()))
+        for m, side in ((layer, "q"), (pristine, "fp"))]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def sequential_walk(method, work: LayerWork) -> dict[str, QuantBlocks]:

@@ -221,7 +221,7 @@ class GPTQTuneMethod(TuneMethod, method="gptq+tune"):
     """Start from GPTQ's codes (its Hessian walk per linear), then tune the layer."""
 
     def __init__(self, steps: int = 200, lr: float = 1e-2, tune_batch: int = 1, target: str = "model",
-                 loss: str = "normed", damp: float = 0.01, act_order: bool = False, gptq_target: str = "model"):
+                 loss: str = "normed", damp: float = 0.01, act_order: bool = False, gptq_target: str = "stream"):
         super().__init__(steps, lr, tune_batch, target, loss)
         self.damp, self.act_order, self.gptq_target = damp, act_order, gptq_target
         self._start = GPTQMethod(damp=damp, act_order=act_order, gptq_target=gptq_target)
@@ -242,7 +242,7 @@ class AWQGPTQTuneMethod(TuneMethod, method="awq+gptq+tune"):
 
     def __init__(self, steps: int = 200, lr: float = 1e-2, tune_batch: int = 1, target: str = "model",
                  loss: str = "normed", n_grid: int = 20, damp: float = 0.01, act_order: bool = False,
-                 gptq_target: str = "model", alpha_by: str = "gptq"):
+                 gptq_target: str = "stream", alpha_by: str = "gptq"):
         super().__init__(steps, lr, tune_batch, target, loss)
         self.n_grid, self.damp, self.act_order, self.gptq_target = n_grid, damp, act_order, gptq_target
         self.alpha_by = alpha_by

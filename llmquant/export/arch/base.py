@@ -119,6 +119,10 @@ class ArchSpec:
     sequential_groups: tuple[tuple[str, ...], ...] = ()
     # first member of a group -> the module that produces the group's input (AWQ folds scales into it)
     smooth_from: dict[str, str] = field(default_factory=dict)
+    # linear that adds its output straight into the residual stream -> the module whose input is
+    # that stream just before the add (None: the layer's input), for ``--gptq-target stream``; a
+    # linear whose output passes a norm of its own first (Gemma 3's post-norms) is not listed
+    residual_before: dict[str, str | None] = field(default_factory=dict)
     # relative tensor name -> config key giving the head count for llama.cpp's Q/K row permute
     permute_rows: dict[str, str] = field(default_factory=dict)
     # config -> shape (HF layout) that config.json implies for each layer tensor, by relative name

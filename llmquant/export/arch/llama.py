@@ -227,6 +227,8 @@ _SMOOTH = {
     "mlp.gate_proj": "post_attention_layernorm",
     "mlp.down_proj": "mlp.up_proj",
 }
+# pre-norm blocks: o_proj adds into the layer's input, down_proj into the stream the MLP's norm reads
+RESIDUAL_BEFORE = {"self_attn.o_proj": None, "mlp.down_proj": "post_attention_layernorm"}
 _GROUPS = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     ("self_attn.o_proj",),
@@ -271,6 +273,7 @@ _LLAMA_FAMILY = dict(
     optional_layer_tensors=_BIASES,
     sequential_groups=_GROUPS,
     smooth_from=_SMOOTH,
+    residual_before=RESIDUAL_BEFORE,
     permute_rows={"self_attn.q_proj": "num_attention_heads", "self_attn.k_proj": "num_key_value_heads"},
     layer_shapes=llama_layer_shapes,
     skipped_tensors=_SKIPPED,
@@ -293,6 +296,7 @@ QWEN2 = register(
         optional_layer_tensors=_BIASES & frozenset(_LAYER),
         sequential_groups=_GROUPS,
         smooth_from=_SMOOTH,
+        residual_before=RESIDUAL_BEFORE,
         layer_shapes=llama_layer_shapes,
         skipped_tensors=_SKIPPED,
         # llama.cpp's qwen2 graph reads no rope_freqs: no llama3 scaling

@@ -39,6 +39,7 @@ from .base import DECODER_SIZES, ArchSpec, ConfigKey, config_int, register
 from .llama import _CONFIG_KEYS as _LLAMA_KEYS
 from .llama import (
     _SKIPPED,
+    RESIDUAL_BEFORE,
     _rope_params,
     check_llama_features,
     declared_context,
@@ -152,6 +153,7 @@ PHI3 = register(
         layer_tensors=_LAYER,
         sequential_groups=_GROUPS,
         smooth_from=_SMOOTH,
+        residual_before=RESIDUAL_BEFORE,
         layer_shapes=phi3_layer_shapes,
         skipped_tensors=_SKIPPED,
         check_features=check_phi3_features,
