@@ -603,9 +603,7 @@ class AWQGPTQMethod(FitsTarget, AWQMethod, method="awq+gptq"):
             st.cross = torch.zeros(x.shape[-1], x.shape[-1], device=x.device)
         accumulate_cross(st.cross, x_fp.detach(), x.detach())
         if residual is not None:
-            if st.resid is None:
-                st.resid = torch.zeros(residual.shape[-1], x.shape[-1], device=x.device)
-            accumulate_residual(st.resid, residual.detach(), x.detach())
+            st.resid = accumulate_residual(st.resid, residual.detach(), x.detach())
 
     def _codes_for(self, st, members):
         out: list = [None] * len(members)

@@ -82,12 +82,16 @@ def accumulate_cross(D: torch.Tensor, x_fp: torch.Tensor, x: torch.Tensor) -> No
     D.addmm_((x_fp.reshape(-1, D.shape[0]).to(D.dtype) - x).T, x)
 
 
-def accumulate_residual(E: torch.Tensor, r: torch.Tensor, x: torch.Tensor) -> None:
-    """Add ``rᵀ x`` into ``E [co, ci]`` in place: r [..., co] how the full-precision model's residual
-    stream differs from the quantized model's where a linear adds into it, x [..., ci] that linear's
-    inputs in the quantized model (the same tokens)."""
+def accumulate_residual(E: torch.Tensor | None, r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Add ``rᵀ x`` into ``E [co, ci]`` in place (None: a new float32 one on x's device) and return
+    it: r [..., co] how the full-precision model's residual stream differs from the quantized
+    model's where a linear adds into it, x [..., ci] that linear's inputs in the quantized model
+    (the same tokens)."""
+    if E is None:
+        E = torch.zeros(r.shape[-1], x.shape[-1], device=x.device)
     x = x.reshape(-1, E.shape[1]).to(E.dtype)
     E.addmm_(r.reshape(-1, E.shape[0]).to(E.dtype).T, x)
+    return E
 
 
 def model_target(Ws: list[torch.Tensor], H: torch.Tensor, D: torch.Tensor, damp: float = 0.01,

@@ -103,10 +103,7 @@ class GPTQMethod(FitsTarget, Method, method="gptq"):
             D = self._cross[group] = torch.zeros(x.shape[-1], x.shape[-1], device=x.device)
         accumulate_cross(D, x_fp.detach(), x.detach())
         if residual is not None:
-            E = self._resid.get(group)
-            if E is None:
-                E = self._resid[group] = torch.zeros(residual.shape[-1], x.shape[-1], device=x.device)
-            accumulate_residual(E, residual.detach(), x.detach())
+            self._resid[group] = accumulate_residual(self._resid.get(group), residual.detach(), x.detach())
 
 
     def quantize(self, name: str, group: str | None, W: torch.Tensor, fmt: type[BlockFormat]) -> tuple[QuantBlocks, LinearReport]:

@@ -103,7 +103,7 @@ def _observe_pairs(method, key: str, work: LayerWork, pristine: nn.Module, rel: 
     the same passes (the input of ``work.residual_before[rel]``, which runs before ``rel``)."""
     if work.fp_inputs is None:
         raise RuntimeError(f"{method.name} observes full-precision inputs, but the pipeline carried no such stream")
-    stream = getattr(method, "fits_stream", False) and rel in work.residual_before
+    stream = method.fits_stream and rel in work.residual_before
     tap = work.residual_before.get(rel) if stream else None
     for x, x_fp in zip(work.inputs.split(work.batch_size), work.fp_inputs.split(work.batch_size), strict=True):
         seen: list[torch.Tensor] = []
